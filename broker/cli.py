@@ -1,0 +1,194 @@
+"""The `cibroker` command: one verb per process or action.
+
+Errors are one line on stderr, no traceback (CIBROKER_DEBUG=1 shows it).
+Exit codes: 0 ok, 1 a check failed or a thing was not found, 2 bad configuration
+or usage, 3 the store (Redis) is unavailable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import SecretStr
+
+from broker import embedded
+from broker.errors import ConfigError, StoreUnavailable
+from broker.logging import configure, get_logger
+from config.settings import Settings, load_settings, parse_routing, resolve_credentials
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="cibroker: Git webhooks in, Tekton PipelineRuns out.")
+config_app = typer.Typer(no_args_is_help=True, help="Check routing files.")
+deliveries_app = typer.Typer(no_args_is_help=True, help="Look at stored deliveries.")
+app.add_typer(config_app, name="config")
+app.add_typer(deliveries_app, name="deliveries")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Routing file (default: $CIBROKER_CONFIG, else the embedded defaults).")
+]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"cibroker: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(os.environ, config_path=config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"cibroker: {problem}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _with_store(settings: Settings) -> tuple[Settings, str]:
+    """Settings with a Redis URL: CIBROKER_REDIS_URL, or the embedded store started now."""
+    if settings.env.redis_url is not None:
+        return settings, "redis at CIBROKER_REDIS_URL"
+    try:
+        store = embedded.start(settings.env.state_dir)
+    except RuntimeError as exc:
+        raise fail(str(exc), 3) from None
+    env = settings.env.model_copy(update={"redis_url": SecretStr(store.url)})
+    return dataclasses.replace(settings, env=env), store.description
+
+
+def _startup_log(settings: Settings, store: str, process: str, **extra: Any) -> None:
+    log = get_logger("cibroker")
+    log.info(f"{process}_starting", store=store, config=settings.source, **extra)
+    for warning in settings.warnings:
+        log.warning("config_warning", problem=warning)
+    if settings.embedded_defaults:
+        log.warning("embedded_defaults", detail=(
+            "no routing file given: hosts gitlab and github take any repo; webhook secret in "
+            f"{settings.env.state_dir / 'webhook-secret'} unless GITLAB_WEBHOOK_SECRET / GITHUB_WEBHOOK_SECRET is set"))
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the webhook edge (POST /hooks/<host id>)."""
+    import uvicorn
+
+    settings = _settings(config)
+    configure(fmt=settings.env.log_format, level=settings.env.log_level)
+    settings, store = _with_store(settings)
+    _startup_log(settings, store, "web", listen=f"http://{host}:{port}", workers=workers)
+    common: dict[str, Any] = {"host": host, "port": port, "access_log": False, "log_level": "warning",
+                              "server_header": False, "timeout_graceful_shutdown": 10}
+    if workers == 1:
+        from broker.web import create_app
+
+        uvicorn.run(create_app(settings), **common)
+    else:
+        assert settings.env.redis_url is not None
+        os.environ["CIBROKER_REDIS_URL"] = settings.env.redis_url.get_secret_value()
+        if not settings.embedded_defaults:
+            os.environ["CIBROKER_CONFIG"] = str(Path(settings.source).resolve())
+        uvicorn.run("broker.web:app_from_environment", factory=True, workers=workers, **common)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+) -> None:
+    """Run a Celery worker that takes accepted deliveries off the queue."""
+    from workers.app import create_celery
+
+    settings = _settings(config)
+    configure(fmt=settings.env.log_format, level=settings.env.log_level)
+    settings, store = _with_store(settings)
+    _startup_log(settings, store, "worker", queue=settings.env.queue, concurrency=concurrency)
+    celery = create_celery(settings)
+    celery.worker_main(["worker", "--loglevel=INFO", "-Q", settings.env.queue, f"--concurrency={concurrency}",
+                        "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="Routing file to check.")],
+    require_secrets: Annotated[bool, typer.Option(help="Also fail when a referenced secret is not set here.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Validate a routing file: every problem with its file, key path and what is wrong."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    summary = ""
+    try:
+        routing = parse_routing(file.read_text(encoding="utf-8"), source=str(file))
+    except OSError as exc:
+        errors.append(f"{file}: cannot read: {exc.strerror}")
+    except ConfigError as exc:
+        errors.extend(exc.problems)
+    else:
+        _, secret_errors, warnings = resolve_credentials(routing, environ=os.environ, base=file.parent)
+        warnings = [f"{file}: {w}" for w in warnings + secret_errors]
+        if require_secrets:
+            errors.extend(warnings)
+            warnings = []
+        summary = f"{len(routing.hosts)} host(s), {len(routing.routes)} route(s)"
+    if as_json:
+        typer.echo(json.dumps({"file": str(file), "ok": not errors, "errors": errors, "warnings": warnings, "summary": summary}))
+    else:
+        for line in errors:
+            typer.echo(f"error: {line}", err=True)
+        for line in warnings:
+            typer.echo(f"warning: {line}", err=True)
+        if not errors:
+            typer.echo(f"{file}: OK ({summary})")
+    if errors:
+        raise typer.Exit(1)
+
+
+@deliveries_app.command("show")
+def deliveries_show(
+    delivery_id: Annotated[str, typer.Argument(help="Delivery id (from the webhook answer).")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The stored record as JSON.")] = False,
+) -> None:
+    """A delivery's record and decision log."""
+    from broker.store import SyncStore
+
+    settings = _settings(config)
+    configure(fmt=settings.env.log_format, level="warning")
+    settings, _ = _with_store(settings)
+    assert settings.env.redis_url is not None
+    store = SyncStore(settings.env.redis_url.get_secret_value(), timeout=settings.env.redis_timeout_seconds)
+    try:
+        found = store.get(delivery_id)
+    except StoreUnavailable as exc:
+        raise fail(str(exc), 3) from None
+    if found is None:
+        raise fail(f"no delivery {delivery_id} (unknown, or older than the retention period)", 1)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    push = found.get("push") or {}
+    typer.echo(f"delivery {found['delivery_id']}  {found['decision']}  state={found['state']}")
+    typer.echo(f"  host {found['host']} ({found['host_kind']})  event {found['event']!r}  received {found['received_at']}")
+    if push:
+        typer.echo(f"  {push['repo']}  {push['kind']} {push['name']}  sha {push['sha']}")
+    typer.echo(f"  reason: {found['reason']}")
+    if found["duplicates"]:
+        typer.echo(f"  duplicates received: {found['duplicates']}")
+    for entry in found["log"]:
+        typer.echo(f"  {entry['at']}  {entry['step']:<13} {entry['detail']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

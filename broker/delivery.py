@@ -1,0 +1,128 @@
+"""Delivery records: ids, Redis key names and the record a person reads later.
+
+A delivery is one webhook request we answered. Its record holds the normalised
+event, the headers that matter, the decision and why, and timestamps; never the
+body, never a secret, never a whole header set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from broker.events import Identity, Ignored, PushEvent
+
+PREFIX = "cibroker:"
+PROCESS_TASK = "cibroker.process_delivery"
+# Headers worth keeping for the decision log; values are clipped. Credentials are never listed.
+KEPT_HEADERS = (
+    "user-agent",
+    "x-gitlab-event",
+    "x-gitlab-instance",
+    "x-gitlab-event-uuid",
+    "x-gitlab-webhook-uuid",
+    "idempotency-key",
+    "webhook-id",
+    "webhook-timestamp",
+    "x-request-id",
+    "x-github-event",
+    "x-github-delivery",
+    "x-github-hook-id",
+    "x-gitea-event",
+    "x-gitea-delivery",
+    "x-forgejo-event",
+    "x-forgejo-delivery",
+    "content-type",
+)
+
+
+def new_delivery_id(now: float | None = None) -> str:
+    """Time-ordered, unique, URL- and label-safe: 12 hex of milliseconds + 14 random hex."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{os.urandom(7).hex()}"
+
+
+def dedup_key(host_id: str, identity: Identity) -> str:
+    return f"{PREFIX}dedup:{host_id}:{identity.key}"
+
+
+def record_key(delivery_id: str) -> str:
+    return f"{PREFIX}delivery:{delivery_id}"
+
+
+def log_key(delivery_id: str) -> str:
+    return f"{PREFIX}delivery:{delivery_id}:log"
+
+
+INDEX_KEY = f"{PREFIX}deliveries"
+
+
+def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for name in KEPT_HEADERS:
+        value = headers.get(name)
+        if value:
+            out[name] = value[:200]
+    return out
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def record(
+    *,
+    delivery_id: str,
+    host_id: str,
+    host_kind: str,
+    event: PushEvent | None,
+    event_name: str,
+    decision: str,
+    reason: str,
+    code: str,
+    received_at: float,
+    headers: Mapping[str, str],
+    authenticated_by: str,
+    identity: Identity | None = None,
+    routes: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    return {
+        "delivery_id": delivery_id,
+        "host": host_id,
+        "host_kind": host_kind,
+        "event": event_name,
+        "received_at": iso(received_at),
+        "decision": decision,
+        "code": code,
+        "reason": reason,
+        "authenticated_by": authenticated_by,
+        "identity": None if identity is None else {"source": identity.source, "value": identity.value},
+        "routes": list(routes),
+        "push": None if event is None else event.as_dict(),
+        "headers": kept_headers(headers),
+    }
+
+
+def log_entry(step: str, detail: str, *, at: float, **extra: Any) -> dict[str, Any]:
+    """One line of a delivery's decision log: a snake_case step and a sentence for people."""
+    return {"at": iso(at), "step": step, "detail": detail, **extra}
+
+
+def ignored_record(
+    *, delivery_id: str, host_id: str, host_kind: str, ignored: Ignored, received_at: float, headers: Mapping[str, str], authenticated_by: str
+) -> dict[str, Any]:
+    return record(
+        delivery_id=delivery_id,
+        host_id=host_id,
+        host_kind=host_kind,
+        event=ignored.push,
+        event_name=ignored.event,
+        decision="ignored",
+        reason=ignored.reason,
+        code=ignored.code,
+        received_at=received_at,
+        headers=headers,
+        authenticated_by=authenticated_by,
+    )

@@ -1,0 +1,52 @@
+"""The one error tree cibroker owns.
+
+    CibrokerError
+    ├── Rejected     a request we refuse: bad signature, unparseable or oversized body.
+    │                Carries the HTTP status and a short reason a person can act on.
+    ├── Permanent    work that cannot succeed by retrying: report it and stop.
+    ├── Transient    work that may succeed later: retry with backoff (honour retry_after).
+    │   └── StoreUnavailable   Redis could not take or give a record.
+    └── ConfigError  the routing file or the environment is wrong; lists every problem.
+
+An ignored event is a value (`broker.events.Ignored`), never an exception.
+Adapters translate library exceptions at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class CibrokerError(Exception):
+    """Base of every error cibroker raises on purpose."""
+
+
+class Rejected(CibrokerError):
+    """A webhook or API request we refuse, with the HTTP status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Permanent(CibrokerError):
+    """Retrying will not help; report the failure with this reason."""
+
+
+class Transient(CibrokerError):
+    """Retrying later may help."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(Transient):
+    """The delivery store (Redis) did not answer."""
+
+
+class ConfigError(CibrokerError):
+    """The configuration is invalid; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

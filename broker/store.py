@@ -1,0 +1,178 @@
+"""The delivery store on Redis: the only module that imports the `redis` client.
+
+`accept` is one Lua call that checks the deduplication key and, when the delivery
+is new, writes its record, its first decision-log lines, the index entry and the
+Celery task message (LPUSH onto the queue list). So a delivery is either wholly
+accepted and queued, or not at all; an answer lost on the way back (timeout) makes
+the host's resend a duplicate, never a second run.
+
+`AsyncStore` serves the webhook edge; `SyncStore` serves workers and the CLI.
+Library exceptions become `StoreUnavailable` here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from broker.delivery import INDEX_KEY, dedup_key, iso, log_key, record_key
+from broker.errors import StoreUnavailable
+from broker.events import Identity
+
+ACCEPT = """
+-- KEYS: dedup, record, log, queue, index
+-- ARGV: id, record, message, dedup_ttl, record_ttl, now_ms, record_prefix, log entries...
+local prior = redis.call('GET', KEYS[1])
+if prior then
+  local rk = ARGV[7] .. prior
+  if redis.call('EXISTS', rk) == 1 then
+    local n = redis.call('HINCRBY', rk, 'duplicates', 1)
+    redis.call('HSET', rk, 'last_duplicate_at', ARGV[6])
+    if n <= 20 then
+      redis.call('RPUSH', rk .. ':log', cjson.encode({at_ms = tonumber(ARGV[6]), step = 'duplicate',
+        detail = 'the same delivery arrived again (' .. n .. ' so far); not run again'}))
+    end
+  end
+  return prior
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+redis.call('HSET', KEYS[2], 'record', ARGV[2], 'state', 'queued', 'duplicates', 0)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+for i = 8, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('LPUSH', KEYS[4], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[6]) - 1000 * tonumber(ARGV[5]))
+return false
+"""
+
+_ERRORS = (redis.exceptions.RedisError, OSError)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_delivery(fields: Mapping[bytes, bytes], log: list[bytes]) -> dict[str, Any] | None:
+    """The stored record with its state, duplicate count and decision log, or None."""
+    if not fields or b"record" not in fields:
+        return None
+    out = json.loads(fields[b"record"])
+    out["state"] = fields.get(b"state", b"").decode()
+    out["duplicates"] = int(fields.get(b"duplicates", b"0"))
+    entries = []
+    for raw in log:
+        entry = json.loads(raw)
+        if "at_ms" in entry:  # written by the Lua script, which has no clock formatting
+            entry = {"at": iso(entry.pop("at_ms") / 1000), **entry}
+        entries.append(entry)
+    out["log"] = entries
+    return out
+
+
+def redis_options(*, timeout: float) -> dict[str, Any]:
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry_on_timeout": False}
+
+
+class AsyncStore:
+    def __init__(self, url: str, *, timeout: float, record_ttl: int, dedup_ttl: int, queue: str) -> None:
+        self._client = aioredis.Redis.from_url(url, **redis_options(timeout=timeout))
+        self._accept = self._client.register_script(ACCEPT)
+        self._record_ttl = record_ttl
+        self._dedup_ttl = dedup_ttl
+        self._queue = queue
+
+    @asynccontextmanager
+    async def _errors(self, doing: str):  # type: ignore[no-untyped-def]
+        try:
+            yield
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"redis unavailable while {doing}: {type(exc).__name__}") from exc
+
+    async def accept(
+        self, *, host_id: str, identity: Identity, delivery_id: str, record: dict[str, Any], message: str, log: list[dict[str, Any]]
+    ) -> str | None:
+        """Store and enqueue a new delivery; returns None, or the id of the delivery this duplicates."""
+        async with self._errors("accepting a delivery"):
+            prior = await self._accept(
+                keys=[dedup_key(host_id, identity), record_key(delivery_id), log_key(delivery_id), self._queue, INDEX_KEY],
+                args=[
+                    delivery_id,
+                    _dumps(record),
+                    message,
+                    self._dedup_ttl,
+                    self._record_ttl,
+                    int(time.time() * 1000),
+                    record_key(""),
+                    *[_dumps(e) for e in log],
+                ],
+            )
+        return prior.decode() if prior else None
+
+    async def record_ignored(self, *, delivery_id: str, record: dict[str, Any], log: list[dict[str, Any]]) -> None:
+        async with self._errors("recording an ignored delivery"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(record_key(delivery_id), mapping={"record": _dumps(record), "state": "ignored", "duplicates": 0})
+                pipe.expire(record_key(delivery_id), self._record_ttl)
+                pipe.rpush(log_key(delivery_id), *[_dumps(e) for e in log])
+                pipe.expire(log_key(delivery_id), self._record_ttl)
+                pipe.zadd(INDEX_KEY, {delivery_id: int(time.time() * 1000)})
+                await pipe.execute()
+
+    async def get(self, delivery_id: str) -> dict[str, Any] | None:
+        async with self._errors("reading a delivery"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(record_key(delivery_id))
+                pipe.lrange(log_key(delivery_id), 0, -1)
+                fields, log = await pipe.execute()
+        return decode_delivery(fields, log)
+
+    async def ping(self) -> None:
+        async with self._errors("checking readiness"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class SyncStore:
+    """What workers and the CLI need: read a delivery, append to its log, move its state."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        self._client = redis.Redis.from_url(url, **redis_options(timeout=timeout))
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"redis unavailable while {doing}: {type(exc).__name__}") from exc
+
+    def get(self, delivery_id: str) -> dict[str, Any] | None:
+        with self._errors("reading a delivery"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(record_key(delivery_id))
+            pipe.lrange(log_key(delivery_id), 0, -1)
+            fields, log = pipe.execute()
+        return decode_delivery(fields, log)
+
+    def append_log(self, delivery_id: str, entry: dict[str, Any], *, state: str | None = None) -> None:
+        with self._errors("appending to a delivery log"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.rpush(log_key(delivery_id), _dumps(entry))
+            if state is not None:
+                pipe.hset(record_key(delivery_id), "state", state)
+            pipe.execute()
+
+    def ping(self) -> None:
+        with self._errors("pinging"):
+            self._client.ping()
+
+    def close(self) -> None:
+        self._client.close()

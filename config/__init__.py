@@ -1,0 +1,1 @@
+"""Settings (environment) and the routing file (YAML): schema, loading, validation."""

@@ -1,0 +1,162 @@
+"""The routing file's schema: the product's public contract.
+
+Every key here is documented in README.md ("Routing file"). Extend, don't rename.
+Models are frozen and reject unknown keys, so a typo is an error, not a silent default.
+This module is pure data: it reads no files and no environment (see `config.settings`).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TEMPLATE_FIELDS = ("sha", "short_sha", "tag", "branch", "ref", "repo")
+IMAGE_TAG_FIELDS = ("sha", "short_sha", "tag", "branch", "ref")
+STATUS_NAME_FIELDS = ("pipeline", "route", "environment")
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+HOST_ID = r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$"
+
+
+def template_fields(template: str) -> list[str]:
+    """Names of the `{placeholders}` in `template`; raises ValueError on broken braces."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if spec or conversion or not name.isidentifier():
+            raise ValueError(f"placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} is not a plain name")
+        names.append(name)
+    return names
+
+
+def check_template(template: str, allowed: tuple[str, ...]) -> str:
+    try:
+        names = template_fields(template)
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r}: {exc}") from None
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder {{{unknown[0]}}} in {template!r}; allowed: "
+            + " ".join("{" + a + "}" for a in allowed)
+        )
+    return template
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecretRef(_Model):
+    """Where a secret lives: an environment variable or a file. Never the value itself."""
+
+    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file' (a secret is never written inline)")
+        return self
+
+    def describe(self) -> str:
+        return f"env {self.env}" if self.env else f"file {self.file}"
+
+
+class Defaults(_Model):
+    namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] = "ci"
+    service_account: Annotated[str, Field(min_length=1, max_length=253)] = "pipeline-bot"
+    status_name: str = "cibroker/{pipeline}"
+
+    _status_name = field_validator("status_name")(lambda v: check_template(v, STATUS_NAME_FIELDS))
+
+
+class Host(_Model):
+    kind: Literal["gitlab", "github", "gitea"]
+    api_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
+    token: SecretRef | None = None
+    webhook_secrets: list[SecretRef] = []
+    signing_secrets: list[SecretRef] = []
+    signature_tolerance_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
+    allow_sha1_signatures: bool = False
+
+    @model_validator(mode="after")
+    def _has_a_credential(self) -> Host:
+        if not self.webhook_secrets and not self.signing_secrets:
+            raise ValueError("a host needs webhook_secrets (or, for gitlab, signing_secrets): unauthenticated hooks are refused")
+        if self.signing_secrets and self.kind != "gitlab":
+            raise ValueError("signing_secrets is GitLab's signing token; github and gitea sign with webhook_secrets")
+        return self
+
+
+class RefFilter(_Model):
+    """Which refs a route (or a deploy) takes: glob patterns over short names."""
+
+    branches: list[Annotated[str, Field(min_length=1)]] = []
+    tags: list[Annotated[str, Field(min_length=1)]] = []
+
+
+class DeployTarget(_Model):
+    environment: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+    when: RefFilter | None = None
+    namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+    deployment: Annotated[str, Field(pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", max_length=253)]
+    container: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+
+
+class Route(_Model):
+    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=40)]
+    host: str
+    repo: Annotated[str, Field(min_length=1)]
+    clone_url: Annotated[str, Field(pattern=r"^(https?|ssh)://\S+$")] | None = None
+    events: RefFilter
+    pipeline: Annotated[str, Field(pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", max_length=253)]
+    image: Annotated[str, Field(min_length=1)]
+    image_tag: str = "{sha}"
+    params: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][-A-Za-z0-9_.]*$")], str] = {}
+    deploy: list[DeployTarget] = []
+    namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] | None = None
+    service_account: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    status_name: str | None = None
+
+    _image_tag = field_validator("image_tag")(lambda v: check_template(v, IMAGE_TAG_FIELDS))
+    _image = field_validator("image")(lambda v: check_template(v, ("repo",)))
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, str]) -> dict[str, str]:
+        for template in value.values():
+            check_template(template, TEMPLATE_FIELDS + ("image",))
+        return value
+
+    @field_validator("status_name")
+    @classmethod
+    def _status_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_template(value, STATUS_NAME_FIELDS)
+
+    @model_validator(mode="after")
+    def _takes_something(self) -> Route:
+        if not self.events.branches and not self.events.tags:
+            raise ValueError("events needs at least one of 'branches' or 'tags'; this route would never run")
+        return self
+
+
+class RoutingFile(_Model):
+    defaults: Defaults = Defaults()
+    hosts: dict[Annotated[str, Field(pattern=HOST_ID, max_length=40)], Host]
+    routes: list[Route] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoutingFile:
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.host not in self.hosts:
+                known = ", ".join(sorted(self.hosts)) or "none"
+                raise ValueError(f"route {route.name!r}: host {route.host!r} is not defined under hosts (defined: {known})")
+            if route.name in seen:
+                raise ValueError(f"route name {route.name!r} is used twice; names identify routes in PipelineRun labels")
+            seen.add(route.name)
+        return self
+

@@ -1,0 +1,195 @@
+"""The one settings object: environment (CIBROKER_*) plus the routing file, validated at once.
+
+Built at start-up by `load_settings(environ, ...)` and passed in explicitly; nothing
+reads the environment at import time. Secrets are resolved here, from the environment
+or files named in the routing file, into `SecretStr` (redacted repr).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from broker.errors import ConfigError
+from config.routing import RoutingFile, SecretRef
+
+ENV_PREFIX = "CIBROKER_"
+EMBEDDED = "<embedded defaults>"
+
+
+class EnvSettings(BaseModel):
+    """CIBROKER_* environment variables (documented in README "Configuration reference")."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    config: Path | None = None
+    redis_url: SecretStr | None = None
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "cibroker"
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    dedup_ttl_seconds: Annotated[int, Field(ge=60)] = 14 * 24 * 3600
+    retention_days: Annotated[int, Field(ge=1)] = 14
+    redis_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 2.0
+    state_dir: Path = Path(".cibroker")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_tokens: SecretStr | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> EnvSettings:
+        values = {k[len(ENV_PREFIX):].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX) and v != ""}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError([f"environment: {ENV_PREFIX}{_loc(e['loc']).upper()}: {e['msg']}" for e in exc.errors()]) from exc
+
+    def api_token_values(self) -> tuple[str, ...]:
+        if self.api_tokens is None:
+            return ()
+        return tuple(t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class HostCredentials:
+    webhook_secrets: tuple[SecretStr, ...] = ()
+    signing_secrets: tuple[SecretStr, ...] = ()
+    token: SecretStr | None = None
+
+    def webhook_values(self) -> tuple[str, ...]:
+        return tuple(s.get_secret_value() for s in self.webhook_secrets)
+
+    def signing_values(self) -> tuple[str, ...]:
+        return tuple(s.get_secret_value() for s in self.signing_secrets)
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: EnvSettings
+    routing: RoutingFile
+    source: str
+    credentials: Mapping[str, HostCredentials]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def embedded_defaults(self) -> bool:
+        return self.source == EMBEDDED
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_routing(text: str, *, source: str) -> RoutingFile:
+    """Parse and validate routing YAML; every problem becomes one `source: key.path: message` line."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}{where}: not valid YAML: {problem}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the routing file must be a mapping with 'hosts' and 'routes', got {type(data).__name__}"])
+    try:
+        return RoutingFile.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{source}: {_loc(err['loc'])}: {msg}")
+        raise ConfigError(problems) from exc
+
+
+def _read_secret(ref: SecretRef, *, environ: Mapping[str, str], base: Path) -> str | None:
+    if ref.env:
+        value = environ.get(ref.env)
+        return value if value else None
+    path = Path(os.path.expanduser(ref.file or ""))
+    path = path if path.is_absolute() else base / path
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def resolve_credentials(
+    routing: RoutingFile, *, environ: Mapping[str, str], base: Path
+) -> tuple[dict[str, HostCredentials], list[str], list[str]]:
+    """Secrets per host, plus (errors, warnings) naming what is missing, never a value."""
+    creds: dict[str, HostCredentials] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    for host_id, host in routing.hosts.items():
+        def resolve(refs: list[SecretRef], key: str) -> tuple[SecretStr, ...]:
+            got = []
+            for i, ref in enumerate(refs):
+                value = _read_secret(ref, environ=environ, base=base)
+                if value is None:
+                    warnings.append(f"hosts.{host_id}.{key}[{i}]: {ref.describe()} is not set (skipped)")
+                else:
+                    got.append(SecretStr(value))
+            return tuple(got)
+
+        webhook = resolve(host.webhook_secrets, "webhook_secrets")
+        signing = resolve(host.signing_secrets, "signing_secrets")
+        if host.webhook_secrets and not webhook:
+            errors.append(f"hosts.{host_id}.webhook_secrets: none is set ({', '.join(r.describe() for r in host.webhook_secrets)}); every request to /hooks/{host_id} would be refused")
+        if host.signing_secrets and not signing:
+            errors.append(f"hosts.{host_id}.signing_secrets: none is set ({', '.join(r.describe() for r in host.signing_secrets)})")
+        token = None
+        if host.token is not None:
+            value = _read_secret(host.token, environ=environ, base=base)
+            if value is None:
+                warnings.append(f"hosts.{host_id}.token: {host.token.describe()} is not set; commit statuses cannot be posted")
+            else:
+                token = SecretStr(value)
+        creds[host_id] = HostCredentials(webhook_secrets=webhook, signing_secrets=signing, token=token)
+    return creds, errors, warnings
+
+
+def ensure_dev_secret(state_dir: Path) -> Path:
+    """The embedded defaults' webhook secret file: created once (0600), random, never logged."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "webhook-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_secrets.token_urlsafe(24) + "\n")
+    return path
+
+
+def load_settings(environ: Mapping[str, str], *, config_path: str | Path | None = None) -> Settings:
+    """Everything a cibroker process needs, validated at once; raises ConfigError listing every problem."""
+    env = EnvSettings.from_environ(environ)
+    path = Path(config_path) if config_path else env.config
+    if path is None:
+        source = EMBEDDED
+        ensure_dev_secret(env.state_dir)
+        text = resources.files("config").joinpath("defaults.yaml").read_text(encoding="utf-8")
+        base = env.state_dir
+    else:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read the routing file: {exc.strerror}"]) from exc
+        base = path.parent
+    routing = parse_routing(text, source=source)
+    creds, errors, warnings = resolve_credentials(routing, environ=environ, base=base)
+    if errors:
+        raise ConfigError([f"{source}: {e}" for e in errors])
+    return Settings(env=env, routing=routing, source=source, credentials=creds, warnings=tuple(warnings))

@@ -1,0 +1,1 @@
+"""The Celery side: workers that take accepted deliveries off the Redis queue."""
