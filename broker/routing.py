@@ -33,7 +33,8 @@ def _compile(pattern: str, ignore_case: bool) -> re.Pattern[str]:
             body = pattern[i + 1:end]
             negate = body[:1] == "!"
             body = re.escape(body[1:] if negate else body).replace(r"\-", "-")
-            out.append(f"[{'^' if negate else ''}{body}]")
+            # A negated class is still one character within a segment, like `?`: never `/`.
+            out.append(f"[^/{body}]" if negate else f"[{body}]")
             i = end + 1
             continue
         else:

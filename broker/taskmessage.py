@@ -33,7 +33,7 @@ def task_message(*, task: str, task_id: str, args: list[Any], queue: str, origin
         "timelimit": [None, None],
         "root_id": task_id,
         "parent_id": None,
-        "argsrepr": repr(tuple(args)),
+        "argsrepr": repr(args),
         "kwargsrepr": "{}",
         "origin": origin,
         "ignore_result": False,

@@ -22,7 +22,7 @@ log = get_logger("cibroker.worker")
 def register(app: Celery, *, store: SyncStore) -> None:
     worker_name = socket.gethostname()
 
-    @app.task(name=PROCESS_TASK, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=PROCESS_TASK, acks_late=True, reject_on_worker_lost=True, shared=False)
     def process_delivery(delivery_id: str) -> None:
         found = store.get(delivery_id)
         if found is None:

@@ -19,7 +19,8 @@ from broker.events import ZERO_SHA, Identity, Ignored, PushEvent, RefKind
 COMMIT_ID = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 REPO_PATH = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.+-]*(/[A-Za-z0-9_.][A-Za-z0-9_.+-]*)+$")
 # git check-ref-format: no control chars, space, ~ ^ : ? * [ \ , no "..", "@{", "//", no trailing "." or "/" or ".lock".
-BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|^\.|\.lock(/|$)|[./]$")
+# Lone surrogates (JSON "\ud800") are no text git can hold, and would break every later encode().
+BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\\ud800-\udfff]|\.\.|@\{|//|/\.|^\.|\.lock(/|$)|[./]$")
 SKIP_MARKERS = ("[skip ci]", "[ci skip]")
 MAX_TITLE = 200
 
@@ -73,7 +74,9 @@ def field(data: Mapping[str, Any], path: str, *, kind: type | tuple[type, ...] =
         if required:
             raise Rejected(400, f"payload field '{path}' is missing")
         return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # JSON true/false are Python bools, and bool is an int: never let them pass as a number.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise Rejected(400, f"payload field '{path}' must be {names}, got {type(value).__name__}")
     return value
@@ -95,17 +98,43 @@ def split_ref(ref: str) -> tuple[RefKind, str]:
     raise Rejected(400, "payload field 'ref' must start with refs/heads/ or refs/tags/")
 
 
+def previous_sha(value: str | None) -> str:
+    """The payload's `before`: a commit id, or the zero id when the ref is new (absent, null or all zeros)."""
+    return ZERO_SHA if is_zero(value) else commit_id(value or "", name="before")
+
+
 def repo_path(value: str, *, name: str) -> str:
     if len(value) > 255 or not REPO_PATH.match(value) or ".." in value:
         raise Rejected(400, f"payload field '{name}' is not a repository path (owner/name)")
     return value
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9_.:=+/-]{1,100}$")
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def display(value: object, *, limit: int) -> str:
+    """Free text for people (sender, URL, title), shortened.
+
+    JSON can carry lone surrogates ("\\ud800"); they cannot be encoded as UTF-8, so the
+    record store would fail on them. They become U+FFFD here.
+    """
+    return SURROGATE.sub("\ufffd", str(value)[:limit])
+
+
+def repository_id(value: int | str, *, name: str) -> str:
+    """The host's id of the repository, as text: it keys the fingerprint and the record."""
+    text = str(value)
+    if not REPO_ID.match(text):
+        raise Rejected(400, f"payload field '{name}' is not a repository id")
+    return text
+
+
 def title(message: str | None) -> str:
     if not message:
         return ""
     line = message.strip().splitlines()[0] if message.strip() else ""
-    return line[:MAX_TITLE]
+    return display(line, limit=MAX_TITLE)
 
 
 def skip_marker(message: str | None) -> str | None:

@@ -17,12 +17,15 @@ from broker.sources import AuthPolicy
 from broker.sources.common import (
     commit_id,
     deletion,
+    display,
     field,
     fingerprint,
     header_identity,
     is_zero,
     load_json,
+    previous_sha,
     repo_path,
+    repository_id,
     require_json_type,
     skip_marker,
     split_ref,
@@ -48,6 +51,9 @@ class GitLabSource:
             if not signatures.token_matches(token, policy.webhook_secrets):
                 raise Rejected(403, "invalid X-Gitlab-Token")
             used.append("X-Gitlab-Token")
+        if not used:
+            # Settings refuse such a host; refuse here too rather than let an empty policy accept anyone.
+            raise Rejected(403, "no webhook secret or signing token is configured for this host; every request is refused")
         return " + ".join(used)
 
     @staticmethod
@@ -59,7 +65,8 @@ class GitLabSource:
         if missing:
             raise Rejected(401, f"missing {', '.join(missing)} (this hook requires GitLab's signing token)")
         assert msg_id and stamp and signature
-        if not stamp.isdigit():
+        # isdigit() alone takes "²" and "١٢", which int() refuses or reads; and int() refuses > 4300 digits.
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
             raise Rejected(401, "webhook-timestamp is not a Unix time in seconds")
         if abs(now - int(stamp)) > policy.tolerance_seconds:
             raise Rejected(403, f"webhook-timestamp is more than {policy.tolerance_seconds} s from now (stale or replayed)")
@@ -95,7 +102,7 @@ class GitLabSource:
         if is_zero(after):
             return deletion(ref_kind, name, event)
         after = commit_id(after, name="after")
-        before = field(payload, "before", required=False) or "0" * 40
+        before = previous_sha(field(payload, "before", required=False))
         checkout = field(payload, "checkout_sha", required=False)
         if checkout:
             sha, source = commit_id(checkout, name="checkout_sha"), "checkout_sha"
@@ -114,18 +121,18 @@ class GitLabSource:
             event=event,
             kind=ref_kind,
             repo=repo,
-            repo_id=str(project_id),
+            repo_id=repository_id(project_id, name="project_id"),
             ref=field(payload, "ref"),
             name=name,
             before=before,
             sha=sha,
             sha_source=source,
             pushed=after,
-            sender=str(payload.get("user_username") or payload.get("user_name") or "")[:100],
+            sender=display(payload.get("user_username") or payload.get("user_name") or "", limit=100),
             head_title=title(message),
             total_commits=total,
             skip_reason=skip,
-            web_url=str(field(payload, "project.web_url", required=False) or "")[:300],
+            web_url=display(field(payload, "project.web_url", required=False) or "", limit=300),
         )
 
     def identity(self, headers: Mapping[str, str], event: PushEvent) -> Identity:

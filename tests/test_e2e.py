@@ -1,0 +1,181 @@
+"""End to end with real processes: `cibroker serve` (uvicorn), `cibroker worker` (Celery), redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.support import ROUTING, SECRETS, free_port, payload
+
+pytestmark = pytest.mark.e2e
+CIBROKER = str(Path(sys.executable).parent / "cibroker")
+PUSH_HEADERS = {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "topsecret", "Content-Type": "application/json"}
+
+
+class Process:
+    """A cibroker child process whose stderr (JSON log lines) is kept in a file."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.log = log
+        with open(log.with_suffix(".out"), "wb") as out, open(log, "wb") as err:
+            self.proc = subprocess.Popen([CIBROKER, *args], env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def lines(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"PATH": os.defpath, "HOME": str(tmp_path), "CIBROKER_LOG_FORMAT": "json",
+            "CIBROKER_STATE_DIR": str(tmp_path / "state"), **SECRETS, **extra}
+
+
+def wait_healthy(url: str, proc: Process, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"cibroker exited early: {proc.log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"cibroker did not answer /healthz within {timeout} s: {proc.log.read_text()}")
+
+
+@pytest.fixture
+def routing_file(tmp_path: Path) -> Path:
+    file = tmp_path / "routing.yaml"
+    file.write_text(ROUTING)
+    return file
+
+
+@pytest.fixture
+def server(tmp_path: Path, redis_url: str, routing_file: Path) -> Iterator[str]:
+    port = free_port()
+    proc = Process(["serve", "--config", str(routing_file), "--port", str(port)],
+                   env=base_env(tmp_path, CIBROKER_REDIS_URL=redis_url, CIBROKER_API_TOKENS="t"), cwd=tmp_path,
+                   log=tmp_path / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.stop()
+
+
+def test_fifty_concurrent_copies_of_one_delivery_make_one_accept(server: str, redis_url: str) -> None:
+    """50 simultaneous copies of one delivery over real HTTP: exactly 1 accepted, 49 duplicates, 1 task."""
+    body = payload("gitlab/push-branch-update.json")
+
+    async def storm() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=server, limits=limits, timeout=10) as client:
+            return await asyncio.gather(*[
+                client.post("/hooks/gitlab", content=body, headers={**PUSH_HEADERS, "Idempotency-Key": "storm-1"})
+                for _ in range(50)
+            ])
+
+    answers = asyncio.run(storm())
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] * 49 + [202]
+    ids = {r.json()["delivery_id"] for r in answers}
+    assert len(ids) == 1
+    assert sorted(r.json()["decision"] for r in answers) == ["accepted"] + ["duplicate"] * 49
+    db = redis.Redis.from_url(redis_url)
+    assert db.llen("cibroker") == 1
+    record = httpx.get(f"{server}/api/deliveries/{ids.pop()}", headers={"Authorization": "Bearer t"}).json()
+    assert record["duplicates"] == 49
+
+
+def test_worker_process_takes_every_accepted_delivery(server: str, redis_url: str, tmp_path: Path, routing_file: Path) -> None:
+    """Deliveries accepted by the web process are taken by a separate `cibroker worker` process."""
+    body = payload("gitlab/push-branch-update.json")
+    ids = [httpx.post(f"{server}/hooks/gitlab", content=body, headers={**PUSH_HEADERS, "Idempotency-Key": f"w-{i}"}).json()["delivery_id"]
+           for i in range(3)]
+    worker = Process(["worker", "--config", str(routing_file), "--concurrency", "1"],
+                     env=base_env(tmp_path, CIBROKER_REDIS_URL=redis_url), cwd=tmp_path, log=tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 30
+        pending = set(ids)
+        while pending and time.monotonic() < deadline:
+            for delivery_id in list(pending):
+                got = httpx.get(f"{server}/api/deliveries/{delivery_id}", headers={"Authorization": "Bearer t"}).json()
+                if got["state"] == "picked_up":
+                    pending.discard(delivery_id)
+            time.sleep(0.1)
+        assert not pending, f"not taken by the worker: {pending}\n{worker.log.read_text()[-2000:]}"
+    finally:
+        worker.stop()
+    assert redis.Redis.from_url(redis_url).llen("cibroker") == 0
+
+
+def test_embedded_defaults_say_so_first_and_keep_deliveries_across_a_restart(tmp_path: Path) -> None:
+    """No routing file, no CIBROKER_REDIS_URL: the first log line names the embedded redis-server;
+    an accepted delivery is still readable after the broker (and its redis child) restart."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in base_env(tmp_path).items() if not k.endswith("WEBHOOK_SECRET")}
+
+    def start() -> Process:
+        proc = Process(["serve", "--port", str(port)], env=env, cwd=tmp_path, log=tmp_path / f"serve-{time.monotonic_ns()}.log")
+        wait_healthy(url, proc)
+        return proc
+
+    first = start()
+    try:
+        opening = first.lines()[0]
+        assert opening["event"] == "web_starting"
+        assert "embedded redis-server" in opening["store"] and opening["config"] == "<embedded defaults>"
+        secret_file = tmp_path / "state" / "webhook-secret"
+        assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+        secret = secret_file.read_text().strip()
+        answer = httpx.post(f"{url}/hooks/gitlab", content=payload("gitlab/push-branch-update.json"),
+                            headers={**PUSH_HEADERS, "X-Gitlab-Token": secret})
+        assert answer.status_code == 202, answer.text
+        delivery_id = answer.json()["delivery_id"]
+        assert all(secret not in line for line in first.log.read_text().splitlines())
+    finally:
+        first.stop()
+    second = start()
+    try:
+        again = httpx.get(f"{url}/api/deliveries/{delivery_id}")
+        assert again.status_code == 200
+        assert again.json()["decision"] == "accepted"
+    finally:
+        second.stop()
+
+
+def test_serve_refuses_to_start_on_a_broken_routing_file(tmp_path: Path) -> None:
+    """A bad routing file stops start-up with one precise line per problem and exit code 2."""
+    bad = tmp_path / "routing.yaml"
+    bad.write_text("hosts:\n  gitlab: {kind: gitlab, api_url: https://x, webhook_secrets: [{env: NOPE}]}\nroutes:\n  - {name: a, host: gitlab, repo: x/y, evnts: {}}\n")
+    result = subprocess.run([CIBROKER, "serve", "--config", str(bad)], env=base_env(tmp_path), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{bad}: routes[0].evnts: Extra inputs are not permitted" in result.stderr
+    assert "Traceback" not in result.stderr
