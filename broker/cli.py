@@ -130,6 +130,8 @@ def config_check(
         routing = parse_routing(file.read_text(encoding="utf-8"), source=str(file))
     except OSError as exc:
         errors.append(f"{file}: cannot read: {exc.strerror}")
+    except UnicodeDecodeError:
+        errors.append(f"{file}: not a UTF-8 text file")
     except ConfigError as exc:
         errors.extend(exc.problems)
     else:

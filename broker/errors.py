@@ -5,7 +5,8 @@
     │                Carries the HTTP status and a short reason a person can act on.
     ├── Permanent    work that cannot succeed by retrying: report it and stop.
     ├── Transient    work that may succeed later: retry with backoff (honour retry_after).
-    │   └── StoreUnavailable   Redis could not take or give a record.
+    │   ├── StoreUnavailable   Redis could not take or give a record.
+    │   └── Expired            a watch resourceVersion is gone (410): relist.
     └── ConfigError  the routing file or the environment is wrong; lists every problem.
 
 An ignored event is a value (`broker.events.Ignored`), never an exception.
@@ -50,3 +51,7 @@ class ConfigError(CibrokerError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class Expired(Transient):
+    """A watch's resourceVersion is too old (HTTP 410 Gone): list again and resume."""

@@ -8,13 +8,25 @@ This module is pure data: it reads no files and no environment (see `config.sett
 from __future__ import annotations
 
 import string
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 TEMPLATE_FIELDS = ("sha", "short_sha", "tag", "branch", "ref", "repo")
 IMAGE_TAG_FIELDS = ("sha", "short_sha", "tag", "branch", "ref")
 STATUS_NAME_FIELDS = ("pipeline", "route", "environment")
+TARGET_URL_FIELDS = ("namespace", "name", "pipeline", "route", "repo", "sha")
+GO_DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 HOST_ID = r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?$"
 
@@ -55,6 +67,16 @@ class SecretRef(_Model):
     env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     file: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_reference(cls, data: Any) -> Any:
+        # Say why an inline value is refused, without echoing it (it may be the secret).
+        if isinstance(data, SecretRef):
+            return data
+        if not isinstance(data, dict) or set(data) - {"env", "file"}:
+            raise ValueError("a secret is never written inline: write {env: VARIABLE} or {file: PATH}")
+        return data
+
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
         if (self.env is None) == (self.file is None):
@@ -69,8 +91,16 @@ class Defaults(_Model):
     namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] = "ci"
     service_account: Annotated[str, Field(min_length=1, max_length=253)] = "pipeline-bot"
     status_name: str = "cibroker/{pipeline}"
+    target_url: str | None = None
+    timeout: Annotated[str, Field(pattern=GO_DURATION)] = "1h0m0s"
+    rollout_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 600
 
     _status_name = field_validator("status_name")(lambda v: check_template(v, STATUS_NAME_FIELDS))
+
+    @field_validator("target_url")
+    @classmethod
+    def _target_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_template(value, TARGET_URL_FIELDS)
 
 
 class Host(_Model):
@@ -82,12 +112,19 @@ class Host(_Model):
     signature_tolerance_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
     allow_sha1_signatures: bool = False
 
+    @field_validator("signing_secrets")
+    @classmethod
+    def _signing_is_gitlab_only(cls, value: list[SecretRef], info: ValidationInfo) -> list[SecretRef]:
+        # Checked on the field (not the model) so the error names hosts.<id>.signing_secrets.
+        kind = info.data.get("kind")
+        if value and kind is not None and kind != "gitlab":
+            raise ValueError("signing_secrets is GitLab's signing token; github and gitea sign with webhook_secrets")
+        return value
+
     @model_validator(mode="after")
     def _has_a_credential(self) -> Host:
         if not self.webhook_secrets and not self.signing_secrets:
             raise ValueError("a host needs webhook_secrets (or, for gitlab, signing_secrets): unauthenticated hooks are refused")
-        if self.signing_secrets and self.kind != "gitlab":
-            raise ValueError("signing_secrets is GitLab's signing token; github and gitea sign with webhook_secrets")
         return self
 
 
@@ -120,6 +157,10 @@ class Route(_Model):
     namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] | None = None
     service_account: Annotated[str, Field(min_length=1, max_length=253)] | None = None
     status_name: str | None = None
+    workspaces: list[dict[str, Any]] = []
+    timeout: Annotated[str, Field(pattern=GO_DURATION)] | None = None
+    supersede: bool = True
+    cancel_status: Literal["Cancelled", "CancelledRunFinally"] = "Cancelled"
 
     _image_tag = field_validator("image_tag")(lambda v: check_template(v, IMAGE_TAG_FIELDS))
     _image = field_validator("image")(lambda v: check_template(v, ("repo",)))
@@ -136,11 +177,13 @@ class Route(_Model):
     def _status_name(cls, value: str | None) -> str | None:
         return None if value is None else check_template(value, STATUS_NAME_FIELDS)
 
-    @model_validator(mode="after")
-    def _takes_something(self) -> Route:
-        if not self.events.branches and not self.events.tags:
+    @field_validator("events")
+    @classmethod
+    def _takes_something(cls, value: RefFilter) -> RefFilter:
+        # A field validator, so it names routes[i].events and runs even when other keys are wrong.
+        if not value.branches and not value.tags:
             raise ValueError("events needs at least one of 'branches' or 'tags'; this route would never run")
-        return self
+        return value
 
 
 class RoutingFile(_Model):
@@ -148,15 +191,55 @@ class RoutingFile(_Model):
     hosts: dict[Annotated[str, Field(pattern=HOST_ID, max_length=40)], Host]
     routes: list[Route] = []
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RoutingFile:
-        seen: set[str] = set()
-        for route in self.routes:
-            if route.host not in self.hosts:
-                known = ", ".join(sorted(self.hosts)) or "none"
-                raise ValueError(f"route {route.name!r}: host {route.host!r} is not defined under hosts (defined: {known})")
-            if route.name in seen:
-                raise ValueError(f"route name {route.name!r} is used twice; names identify routes in PipelineRun labels")
-            seen.add(route.name)
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _consistent(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RoutingFile:
+        """Cross-route checks, each at its own key path, reported together with every other problem.
+
+        They read the raw mapping so that a typo elsewhere does not hide them, and they
+        skip whatever is malformed there (its own error is already reported).
+        """
+        problems = _cross_check(data)
+        try:
+            model = handler(data)
+        except ValidationError as exc:
+            if not problems:
+                raise
+            kept = [
+                InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"])
+                for e in exc.errors(include_url=False)
+            ]
+            raise ValidationError.from_exception_data(cls.__name__, kept + problems) from None
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return model
+
+
+def _cross_check(data: Any) -> list[InitErrorDetails]:
+    """Routes naming an undefined host, and route names used twice."""
+    if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
+        return []
+    hosts = data.get("hosts")
+    problems: list[InitErrorDetails] = []
+    first_use: dict[str, int] = {}
+    for i, route in enumerate(data["routes"]):
+        if not isinstance(route, dict):
+            continue
+        host, name = route.get("host"), route.get("name")
+        if isinstance(hosts, dict) and isinstance(host, str) and host not in hosts:
+            known = ", ".join(sorted(str(h) for h in hosts)) or "none"
+            problems.append(InitErrorDetails(
+                type=PydanticCustomError("undefined_host", f"host {host!r} is not defined under hosts (defined: {known})"),
+                loc=("routes", i, "host"), input=host))
+        if isinstance(name, str):
+            if name in first_use:
+                problems.append(InitErrorDetails(
+                    type=PydanticCustomError(
+                        "duplicate_route",
+                        f"route name {name!r} is already used by routes[{first_use[name]}]; "
+                        "names identify routes in PipelineRun labels"),
+                    loc=("routes", i, "name"), input=name))
+            else:
+                first_use[name] = i
+    return problems
 

@@ -41,6 +41,8 @@ class EnvSettings(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api_tokens: SecretStr | None = None
+    tekton_api_version: Literal["v1", "v1beta1"] = "v1"
+    resync_seconds: Annotated[int, Field(ge=5, le=3600)] = 60
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> EnvSettings:
@@ -92,15 +94,40 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last one silently, which would drop a whole host or route filter.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: SafeLoader reports it itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_routing(text: str, *, source: str) -> RoutingFile:
     """Parse and validate routing YAML; every problem becomes one `source: key.path: message` line."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{source}{where}: not valid YAML: {problem}"]) from exc
+    if data is None:
+        raise ConfigError([f"{source}: the routing file is empty; it needs at least 'hosts'"])
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the routing file must be a mapping with 'hosts' and 'routes', got {type(data).__name__}"])
     try:
@@ -121,7 +148,7 @@ def _read_secret(ref: SecretRef, *, environ: Mapping[str, str], base: Path) -> s
     path = path if path.is_absolute() else base / path
     try:
         value = path.read_text(encoding="utf-8").strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     return value or None
 
@@ -165,10 +192,24 @@ def ensure_dev_secret(state_dir: Path) -> Path:
     """The embedded defaults' webhook secret file: created once (0600), random, never logged."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "webhook-secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if path.exists():
+        return path
+    # `serve` and `worker` may start at once (Procfile): write a private temporary file in
+    # full, then link it into place, so no process ever reads a half-written secret and
+    # the one that loses the race keeps the winner's value.
+    tmp = state_dir / f".webhook-secret.{os.getpid()}.{_secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as fh:
             fh.write(_secrets.token_urlsafe(24) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -187,6 +228,8 @@ def load_settings(environ: Mapping[str, str], *, config_path: str | Path | None 
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read the routing file: {exc.strerror}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: the routing file is not UTF-8 text (byte {exc.start})"]) from exc
         base = path.parent
     routing = parse_routing(text, source=source)
     creds, errors, warnings = resolve_credentials(routing, environ=environ, base=base)
