@@ -16,8 +16,9 @@ from urllib.parse import parse_qs
 from broker.errors import Rejected
 from broker.events import ZERO_SHA, Identity, Ignored, PushEvent, RefKind
 
-COMMIT_ID = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
-REPO_PATH = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.+-]*(/[A-Za-z0-9_.][A-Za-z0-9_.+-]*)+$")
+# \Z, not $: "$" also matches before a trailing newline, and "<sha>\n" is no commit id.
+COMMIT_ID = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?\Z")
+REPO_PATH = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.+-]*(/[A-Za-z0-9_.][A-Za-z0-9_.+-]*)+\Z")
 # git check-ref-format: no control chars, space, ~ ^ : ? * [ \ , no "..", "@{", "//", no trailing "." or "/" or ".lock".
 # Lone surrogates (JSON "\ud800") are no text git can hold, and would break every later encode().
 BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\\ud800-\udfff]|\.\.|@\{|//|/\.|^\.|\.lock(/|$)|[./]$")
@@ -109,7 +110,7 @@ def repo_path(value: str, *, name: str) -> str:
     return value
 
 
-REPO_ID = re.compile(r"^[A-Za-z0-9_.:=+/-]{1,100}$")
+REPO_ID = re.compile(r"^[A-Za-z0-9_.:=+-]{1,100}\Z")
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 

@@ -40,7 +40,7 @@ def check_hmac(
     algorithm, header = "sha256", sha256_header
     if value is None and sha1_header and headers.get(sha1_header.lower()) is not None:
         if not policy.allow_sha1:
-            raise Rejected(401, f"only {sha1_header} (SHA-1) was sent; this host requires {sha256_header} (or set allow_sha1_signatures)")
+            raise Rejected(401, f"only {sha1_header} (SHA-1) was sent; this host requires {sha256_header} (SHA-256), or set allow_sha1_signatures")
         value, algorithm, header = headers.get(sha1_header.lower()), "sha1", sha1_header
     if value is None:
         raise Rejected(401, f"missing {sha256_header}")
