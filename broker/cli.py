@@ -105,15 +105,43 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
 ) -> None:
     """Run a Celery worker that takes accepted deliveries off the queue."""
-    from workers.app import create_celery
+    from workers.app import create_celery, default_orchestrator
 
     settings = _settings(config)
     configure(fmt=settings.env.log_format, level=settings.env.log_level)
     settings, store = _with_store(settings)
     _startup_log(settings, store, "worker", queue=settings.env.queue, concurrency=concurrency)
-    celery = create_celery(settings)
+    try:  # fail at start, not on every task, when there is no cluster to talk to
+        orchestrator = default_orchestrator(settings)
+    except Exception as exc:  # the kubernetes client raises its own ConfigException types
+        raise fail(f"no Kubernetes configuration (KUBECONFIG or in-cluster): {exc}", 2) from None
+    celery = create_celery(settings, orchestrator=lambda _: orchestrator)
     celery.worker_main(["worker", "--loglevel=INFO", "-Q", settings.env.queue, f"--concurrency={concurrency}",
                         "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+@app.command()
+def watcher(config: ConfigOption = None) -> None:
+    """Follow managed PipelineRuns (one watch per namespace) and queue their status reports."""
+    from workers.app import create_celery, submitter
+    from workers.kube import KubeCluster
+    from workers.watcher import Watcher
+
+    settings = _settings(config)
+    configure(fmt=settings.env.log_format, level=settings.env.log_level)
+    settings, store = _with_store(settings)
+    routing = settings.routing
+    namespaces = sorted({r.namespace or routing.defaults.namespace for r in routing.routes})
+    _startup_log(settings, store, "watcher", namespaces=namespaces, resync_seconds=settings.env.resync_seconds)
+    try:
+        cluster = KubeCluster.from_environment(tekton_version=settings.env.tekton_api_version)
+    except Exception as exc:  # the kubernetes client raises its own ConfigException types
+        raise fail(f"no Kubernetes configuration (KUBECONFIG or in-cluster): {exc}", 2) from None
+    w = Watcher(cluster, namespaces, submit=submitter(create_celery(settings)), resync_seconds=settings.env.resync_seconds)
+    try:
+        w.run()
+    except KeyboardInterrupt:
+        w.stop.set()
 
 
 @config_app.command("check")

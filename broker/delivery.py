@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import lru_cache
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from broker.events import Identity, Ignored, PushEvent
 PREFIX = "cibroker:"
 PROCESS_TASK = "cibroker.process_delivery"
 # Headers worth keeping for the decision log; values are clipped. Credentials are never listed.
-KEPT_HEADERS = (
+KEPT_HEADERS = frozenset((
     "user-agent",
     "x-gitlab-event",
     "x-gitlab-instance",
@@ -35,7 +36,7 @@ KEPT_HEADERS = (
     "x-forgejo-event",
     "x-forgejo-delivery",
     "content-type",
-)
+))
 
 
 def new_delivery_id(now: float | None = None) -> str:
@@ -60,14 +61,16 @@ INDEX_KEY = f"{PREFIX}deliveries"
 
 
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """One pass over the request's headers (names compared lower-case)."""
     out = {}
-    for name in KEPT_HEADERS:
-        value = headers.get(name)
-        if value:
-            out[name] = value[:200]
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in KEPT_HEADERS and value:
+            out[lowered] = value[:200]
     return out
 
 
+@lru_cache(maxsize=256)
 def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 

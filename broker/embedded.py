@@ -9,7 +9,9 @@ works, but it is not durable and the first log line says so.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -51,6 +53,7 @@ def start(state_dir: Path, *, timeout: float = 10.0) -> EmbeddedRedis:
          "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
          "--logfile", str(state_dir / "redis.log")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     atexit.register(_stop, proc)
     deadline = time.monotonic() + timeout
@@ -59,6 +62,18 @@ def start(state_dir: Path, *, timeout: float = 10.0) -> EmbeddedRedis:
             raise RuntimeError(f"embedded redis-server did not start; see {state_dir / 'redis.log'}")
         time.sleep(0.05)
     return EmbeddedRedis(url=url, description=f"embedded redis-server (pid {proc.pid}, unix socket {sock}, AOF on)", durable=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the broker exits however it exits.
+
+    atexit is not enough: uvicorn re-raises SIGTERM after its graceful shutdown, and
+    kill -9 runs nothing. Redis shuts down cleanly on SIGTERM (the AOF is flushed).
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

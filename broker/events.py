@@ -7,7 +7,7 @@ these frozen values. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 ZERO_SHA = "0" * 40
@@ -55,9 +55,13 @@ class PushEvent:
         return self.before == ZERO_SHA
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Not dataclasses.asdict: it deep-copies, and this runs once per webhook on the hot path.
+        data = {name: getattr(self, name) for name in _PUSH_FIELDS}
         data["kind"] = str(self.kind)
         return data
+
+
+_PUSH_FIELDS = tuple(f.name for f in fields(PushEvent))
 
 
 @dataclass(frozen=True, slots=True)

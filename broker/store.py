@@ -18,10 +18,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
-from broker.delivery import INDEX_KEY, dedup_key, iso, log_key, record_key
+from broker.delivery import INDEX_KEY, PREFIX, dedup_key, iso, log_key, record_key
 from broker.errors import StoreUnavailable
 from broker.events import Identity
 
@@ -52,11 +53,26 @@ redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[6]) - 1000 * tonum
 return false
 """
 
+# Report claims keep commit statuses in order across workers and retries: a claim for a
+# state succeeds only if it moves forward, or if the same task (a retry) claims it again.
+CLAIM_REPORT = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local state, token, cur_rank = string.match(cur, '^([^|]*)|([^|]*)|(%d+)$')
+  local rank = tonumber(ARGV[4])
+  cur_rank = tonumber(cur_rank or '0')
+  if not (rank > cur_rank or (state == ARGV[2] and token == ARGV[3])) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
 _ERRORS = (redis.exceptions.RedisError, OSError)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
 
 
 def decode_delivery(fields: Mapping[bytes, bytes], log: list[bytes]) -> dict[str, Any] | None:
@@ -146,6 +162,7 @@ class SyncStore:
 
     def __init__(self, url: str, *, timeout: float) -> None:
         self._client = redis.Redis.from_url(url, **redis_options(timeout=timeout))
+        self._claim = self._client.register_script(CLAIM_REPORT)
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -169,6 +186,26 @@ class SyncStore:
             if state is not None:
                 pipe.hset(record_key(delivery_id), "state", state)
             pipe.execute()
+
+    def claim_report(self, run: str, status_name: str, *, state: str, rank: int, token: str, ttl: int) -> bool:
+        """Claim the right to report `state` for (run, status name); False when it would go backwards."""
+        with self._errors("claiming a status report"):
+            return bool(self._claim(keys=[f"{PREFIX}reports:{run}"], args=[status_name, state, token, rank, ttl]))
+
+    def reported(self, run: str) -> dict[str, str]:
+        """{status name: state} claimed so far for a run."""
+        with self._errors("reading reported states"):
+            raw = self._client.hgetall(f"{PREFIX}reports:{run}")
+        return {k.decode(): v.decode().split("|", 1)[0] for k, v in raw.items()}
+
+    def claim_once(self, key: str, *, token: str, ttl: int) -> bool:
+        """True for the first claimer of `key` and for its retries (same token); False for anyone else."""
+        with self._errors("claiming work"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(f"{PREFIX}once:{key}", token, nx=True, ex=ttl)
+            pipe.get(f"{PREFIX}once:{key}")
+            _, holder = pipe.execute()
+        return holder is not None and holder.decode() == token
 
     def ping(self) -> None:
         with self._errors("pinging"):

@@ -1,7 +1,7 @@
 """A Celery task message, written by hand so the webhook edge never imports Celery.
 
-Celery's `apply_async` in the request path measured at ~0.2 of the durable floor
-(bench/README.md); building the message here and pushing it in the same Redis call
+Celery's `apply_async` in the request path was measured by the team at ~0.2 of the
+durable floor (issue 2); building the message here and pushing it in the same Redis call
 as the delivery record makes the accept atomic and fast. The envelope is kombu's
 Redis transport format carrying Celery's task protocol v2. tests/test_taskmessage.py
 holds it to what Celery itself produces and runs it on a real worker.

@@ -147,7 +147,7 @@ class Route(_Model):
     name: Annotated[str, Field(pattern=DNS_LABEL, max_length=40)]
     host: str
     repo: Annotated[str, Field(min_length=1)]
-    clone_url: Annotated[str, Field(pattern=r"^(https?|ssh)://\S+$")] | None = None
+    clone_url: Annotated[str, Field(pattern=r"^(https?|ssh|file)://\S+$")] | None = None
     events: RefFilter
     pipeline: Annotated[str, Field(pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", max_length=253)]
     image: Annotated[str, Field(min_length=1)]

@@ -8,6 +8,8 @@ import redis
 
 from tests.support import RedisServer
 
+pytest_plugins = ["tests.fakes.fixtures"]  # kube_api, kube_client, kube_cluster, tekton, rollout
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -23,7 +23,7 @@ defaults: {namespace: ci, service_account: pipeline-bot}
 hosts:
   gitlab:
     kind: gitlab
-    api_url: https://gitlab.example.com/api/v4
+    api_url: https://gitlab.com/api/v4
     token: {env: GITLAB_API_TOKEN}
     webhook_secrets: [{env: GITLAB_WEBHOOK_SECRET}, {env: GITLAB_WEBHOOK_SECRET_PREVIOUS}]
   gitlab-signed:

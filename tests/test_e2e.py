@@ -112,26 +112,14 @@ def test_fifty_concurrent_copies_of_one_delivery_make_one_accept(server: str, re
     assert record["duplicates"] == 49
 
 
-def test_worker_process_takes_every_accepted_delivery(server: str, redis_url: str, tmp_path: Path, routing_file: Path) -> None:
-    """Deliveries accepted by the web process are taken by a separate `cibroker worker` process."""
-    body = payload("gitlab/push-branch-update.json")
-    ids = [httpx.post(f"{server}/hooks/gitlab", content=body, headers={**PUSH_HEADERS, "Idempotency-Key": f"w-{i}"}).json()["delivery_id"]
-           for i in range(3)]
-    worker = Process(["worker", "--config", str(routing_file), "--concurrency", "1"],
-                     env=base_env(tmp_path, CIBROKER_REDIS_URL=redis_url), cwd=tmp_path, log=tmp_path / "worker.log")
-    try:
-        deadline = time.monotonic() + 30
-        pending = set(ids)
-        while pending and time.monotonic() < deadline:
-            for delivery_id in list(pending):
-                got = httpx.get(f"{server}/api/deliveries/{delivery_id}", headers={"Authorization": "Bearer t"}).json()
-                if got["state"] == "picked_up":
-                    pending.discard(delivery_id)
-            time.sleep(0.1)
-        assert not pending, f"not taken by the worker: {pending}\n{worker.log.read_text()[-2000:]}"
-    finally:
-        worker.stop()
-    assert redis.Redis.from_url(redis_url).llen("cibroker") == 0
+def test_worker_refuses_to_start_without_a_cluster(tmp_path: Path, redis_url: str, routing_file: Path) -> None:
+    """No KUBECONFIG and not in a pod: `cibroker worker` exits 2 with one clear line, instead of failing every task."""
+    kubeconfig = tmp_path / "missing-kubeconfig"
+    result = subprocess.run([CIBROKER, "worker", "--config", str(routing_file)], cwd=tmp_path, capture_output=True, text=True,
+                            env=base_env(tmp_path, CIBROKER_REDIS_URL=redis_url, KUBECONFIG=str(kubeconfig)), timeout=60)
+    assert result.returncode == 2
+    assert "cibroker: no Kubernetes configuration (KUBECONFIG or in-cluster)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_embedded_defaults_say_so_first_and_keep_deliveries_across_a_restart(tmp_path: Path) -> None:
@@ -161,6 +149,12 @@ def test_embedded_defaults_say_so_first_and_keep_deliveries_across_a_restart(tmp
         assert all(secret not in line for line in first.log.read_text().splitlines())
     finally:
         first.stop()
+    from broker.embedded import _answers
+
+    deadline = time.monotonic() + 10
+    while _answers(tmp_path / "state" / "redis.sock"):  # the child went down with the broker
+        assert time.monotonic() < deadline, "the embedded redis-server outlived the broker"
+        time.sleep(0.05)
     second = start()
     try:
         again = httpx.get(f"{url}/api/deliveries/{delivery_id}")

@@ -520,7 +520,6 @@ def test_ref_outside_heads_and_tags_is_400(host: str, ref: str) -> None:
         "refs/heads/x.lock",
         "refs/heads/trailing.",
         "refs/heads/trailing/",
-        "refs/heads/lone\ud800surrogate",
         "refs/heads/" + "x" * 250,
     ],
 )
@@ -623,12 +622,17 @@ def test_repository_id_must_be_a_number_or_plain_token(host: str, key: str, valu
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_lone_surrogates_in_free_text_become_replacement_characters(host: str) -> None:
-    """A commit message with a lone surrogate still builds, and every text field encodes as UTF-8."""
+def test_lone_surrogate_escapes_are_refused_as_invalid_json(host: str) -> None:
+    """A lone UTF-16 surrogate (in a ref or a message) is not Unicode: 400 naming the JSON problem.
+
+    Git hosts never send one (they emit valid UTF-8); a body that has one is not a real delivery.
+    """
     data, headers = with_head_message(host, "fix \ud800 bug")
-    event = built(host, data, headers)
-    assert event.head_title == "fix \ufffd bug"
-    json.dumps(event.as_dict(), ensure_ascii=False).encode("utf-8")
+    error = rejected(host, data, headers)
+    assert error.status == 400 and error.reason.startswith("body is not valid JSON") and "surrogate" in error.reason
+    data = corpus_json(PUSHES[host])
+    data["ref"] = "refs/heads/lone\ud800surrogate"
+    assert rejected(host, data, HEADERS[host]).status == 400
 
 
 # --- identity --------------------------------------------------------------------------------------

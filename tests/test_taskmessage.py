@@ -14,8 +14,10 @@ from celery.contrib.testing.worker import start_worker
 from broker.delivery import PROCESS_TASK
 from broker.store import SyncStore
 from broker.taskmessage import task_message
+from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
 from tests.support import make_settings
 from workers.app import create_celery
+from workers.orchestration import Orchestrator
 
 
 def celery_sent_message(redis_url: str, tmp_path: Path, *, task_id: str) -> dict:
@@ -47,7 +49,7 @@ def test_envelope_matches_celerys_own_message(redis_url: str, tmp_path: Path) ->
 
 
 def test_a_real_worker_runs_the_hand_written_message(redis_url: str, tmp_path: Path) -> None:
-    """An accepted delivery is taken by a real Celery worker, which records it in the delivery log."""
+    """An accepted delivery is taken by a real Celery worker, which creates its PipelineRun (ports faked)."""
     from starlette.testclient import TestClient
 
     from broker.web import create_app
@@ -58,14 +60,18 @@ def test_a_real_worker_runs_the_hand_written_message(redis_url: str, tmp_path: P
         answer = client.post("/hooks/gitlab", content=payload("gitlab/push-branch-update.json"),
                              headers={"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "topsecret"}).json()
     delivery_id = answer["delivery_id"]
-    app = create_celery(settings)
     store = SyncStore(redis_url, timeout=2)
+    cluster = FakeCluster(service_accounts={("ci", "pipeline-bot")})
+    host = FakeGitHost()
+    app = create_celery(settings, orchestrator=lambda s: Orchestrator(
+        settings=s, store=store, cluster=cluster, git_hosts={"gitlab": host}, resolver=FakeResolver()))
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         deadline = time.monotonic() + 20
-        while (found := store.get(delivery_id)) and found["state"] == "queued":
+        while not host.statuses:
             if time.monotonic() > deadline:
-                pytest.fail("the worker did not take the delivery within 20 s")
+                pytest.fail("the worker did not process the delivery within 20 s")
             time.sleep(0.05)
-    assert found is not None and found["state"] == "picked_up"
-    assert found["log"][-1]["step"] == "picked_up"
+    [(_, name)] = cluster.runs
+    assert cluster.runs[("ci", name)]["metadata"]["labels"]["cibroker.dev/delivery"] == delivery_id
+    assert host.states() == ["cibroker/build-test-push:pending"]
     assert redis.Redis.from_url(redis_url).llen("cibroker") == 0

@@ -1,27 +1,55 @@
-"""The Celery application, built from Settings (never at import time).
+"""The Celery application and the orchestrator behind its tasks, built from Settings.
 
 Tasks must not be lost: acks_late with reject_on_worker_lost, so a killed worker's
 task is redelivered after the visibility timeout; prefetch 1, so a worker holds no
-task it is not running.
+task it is not running. The orchestrator (and its Kubernetes, Git host and git
+adapters) is built once per worker process, on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from celery import Celery
 
 from broker.embedded import kombu_url
+from broker.ports import GitHost
 from broker.store import SyncStore
 from config.settings import Settings
 from workers import tasks
+from workers.orchestration import Orchestrator
 
-VISIBILITY_TIMEOUT_SECONDS = 3600
+def git_hosts(settings: Settings) -> dict[str, GitHost]:
+    """A status adapter for every host whose API token is set (hosts without one only get logged)."""
+    from workers.githost import git_host_for
+
+    out: dict[str, GitHost] = {}
+    for host_id, host in settings.routing.hosts.items():
+        token = settings.credentials[host_id].token
+        if token is not None:
+            out[host_id] = git_host_for(host.kind, api_url=host.api_url, token=token.get_secret_value(), host_id=host_id)
+    return out
 
 
-def create_celery(settings: Settings) -> Celery:
+def default_orchestrator(settings: Settings) -> Orchestrator:
+    from workers.gitrepo import GitCommitResolver
+    from workers.kube import KubeCluster
+
+    assert settings.env.redis_url is not None
+    return Orchestrator(
+        settings=settings,
+        store=SyncStore(settings.env.redis_url.get_secret_value(), timeout=settings.env.redis_timeout_seconds),
+        cluster=KubeCluster.from_environment(tekton_version=settings.env.tekton_api_version),
+        git_hosts=git_hosts(settings),
+        resolver=GitCommitResolver(Path(settings.env.state_dir) / "git-mirrors"),
+    )
+
+
+def create_celery(settings: Settings, *, orchestrator: Callable[[Settings], Orchestrator] = default_orchestrator) -> Celery:
     env = settings.env
     assert env.redis_url is not None, "resolve the Redis URL (or start the embedded one) first"
-    url = env.redis_url.get_secret_value()
-    app = Celery("cibroker", broker=kombu_url(url), set_as_current=False)
+    app = Celery("cibroker", broker=kombu_url(env.redis_url.get_secret_value()), set_as_current=False)
     app.conf.update(
         task_default_queue=env.queue,
         task_acks_late=True,
@@ -29,12 +57,29 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        broker_transport_options={"visibility_timeout": env.visibility_timeout_seconds},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         accept_content=["json"],
         task_serializer="json",
     )
-    store = SyncStore(url, timeout=env.redis_timeout_seconds)
-    tasks.register(app, store=store)
+    built: list[Orchestrator] = []
+
+    def get() -> Orchestrator:
+        if not built:
+            service = orchestrator(settings)
+            service.on_success = enqueue_deploys
+            built.append(service)
+        return built[0]
+
+    enqueue_deploys = tasks.register(app, orchestrator=get)
     return app
+
+
+def submitter(app: Celery) -> Callable[[dict], None]:
+    """What the watcher calls for a run whose state moved: a report task on the queue."""
+
+    def submit(obj: dict) -> None:
+        app.send_task(tasks.REPORT_TASK, args=[tasks.snapshot(obj)], queue=app.conf.task_default_queue)
+
+    return submit

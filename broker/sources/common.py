@@ -7,11 +7,12 @@ a URL or a Kubernetes name later on.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
+
+import orjson
 
 from broker.errors import Rejected
 from broker.events import ZERO_SHA, Identity, Ignored, PushEvent, RefKind
@@ -32,12 +33,9 @@ def media_type(headers: Mapping[str, str]) -> str:
 
 def load_json(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise Rejected(400, f"body is not valid JSON: {detail}") from None
-    except RecursionError:
-        raise Rejected(400, "body is not valid JSON: nested too deeply") from None
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected(400, f"body is not valid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
         raise Rejected(400, f"body must be a JSON object, got {type(data).__name__}")
     return data

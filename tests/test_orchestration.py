@@ -1,0 +1,244 @@
+"""The orchestrator over recording fakes of our ports and the real Redis store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from broker import pipelinerun as pr
+from broker.ports import CommitState
+from broker.store import SyncStore
+from broker.web import create_app
+from config.settings import Settings
+from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
+from tests.support import FIXTURES, make_settings, payload
+from workers.orchestration import Orchestrator, RunRef
+
+SHA1 = "1111111111111111111111111111111111111111"
+SHA2 = "2222222222222222222222222222222222222222"
+TAG_OBJECT = "7777777777777777777777777777777777777777"
+OLD_IMAGE = "registry.example.com/acme/shop-api:0000000000000000000000000000000000000000"
+
+
+def body(*, ref: str = "refs/heads/main", sha: str = SHA1, before: str = "0" * 40, after: str | None = None) -> bytes:
+    data = json.loads(payload("gitlab/push-branch-update.json"))
+    data.update(ref=ref, before=before, after=after or sha, checkout_sha=sha)
+    data["object_kind"] = "tag_push" if ref.startswith("refs/tags/") else "push"
+    data["project"]["path_with_namespace"] = "acme/shop-api"
+    data["commits"] = [{"id": sha, "message": "change\n"}]
+    return json.dumps(data).encode()
+
+
+class World:
+    """Edge + orchestrator wired to fakes: `push()` accepts a webhook, `orch.start()` runs it."""
+
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.cluster = FakeCluster(service_accounts={("ci", "pipeline-bot")})
+        self.host = FakeGitHost()
+        self.resolver = FakeResolver()
+        self.deploys: list[str] = []
+        self.orch = Orchestrator(settings=settings, store=SyncStore(redis_url, timeout=2), cluster=self.cluster,
+                                 git_hosts={"gitlab": self.host}, resolver=self.resolver,
+                                 on_success=lambda obj: self.deploys.append(obj["metadata"]["name"]))
+        self.client = TestClient(create_app(settings))
+        self.client.__enter__()
+        self.cluster.deployments[("staging", "shop-api")] = {
+            "metadata": {"name": "shop-api", "namespace": "staging", "generation": 1, "annotations": {}},
+            "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "api", "image": OLD_IMAGE},
+                                                                           {"name": "sidecar", "image": "envoy:1"}]}}},
+            "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2},
+        }
+
+    def push(self, key: str, **kw: Any) -> str:
+        event = "Tag Push Hook" if kw.get("ref", "").startswith("refs/tags/") else "Push Hook"
+        r = self.client.post("/hooks/gitlab", content=body(**kw),
+                             headers={"X-Gitlab-Event": event, "X-Gitlab-Token": "topsecret", "Idempotency-Key": key})
+        assert r.status_code == 202, r.text
+        return r.json()["delivery_id"]
+
+    def only_run(self) -> dict[str, Any]:
+        assert len(self.cluster.runs) == 1
+        return next(iter(self.cluster.runs.values()))
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def world(tmp_path: Path, redis_url: str) -> World:
+    routing = (FIXTURES / "routing" / "example.yaml").read_text()
+    w = World(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), redis_url)
+    yield w
+    w.close()
+
+
+def test_accepted_push_creates_one_pipelinerun_and_reports_pending(world: World) -> None:
+    delivery = world.push("a")
+    names = world.orch.start(delivery, token="t1")
+    run = world.only_run()
+    assert names == [run["metadata"]["name"]]
+    assert run["metadata"]["labels"][pr.L_SHA] == SHA1
+    assert world.host.states() == ["cibroker/build-test-push:pending"]
+    assert world.host.statuses[0].ref == "main" and world.host.statuses[0].repo == "acme/shop-api"
+    log = world.orch.store.get(delivery)["log"]
+    assert [e["step"] for e in log][-2:] == ["pipelinerun_created", "status_posted"]
+
+
+def test_the_same_push_delivered_twice_makes_one_run_and_one_pending(world: World) -> None:
+    """A project hook and a group hook (two delivery ids) for one push: one PipelineRun, one pending."""
+    first, second = world.push("project-hook"), world.push("group-hook")
+    world.orch.start(first, token="t1")
+    world.orch.start(second, token="t2")
+    assert len(world.cluster.runs) == 1
+    assert world.host.states() == ["cibroker/build-test-push:pending"]
+    assert world.orch.store.get(second)["log"][-1]["step"] == "pipelinerun_exists"
+
+
+def test_a_rerun_is_a_new_attempt_with_a_new_name(world: World) -> None:
+    delivery = world.push("a")
+    [one] = world.orch.start(delivery, token="t1")
+    [two] = world.orch.start(delivery, attempt=2, token="t2")
+    assert one != two and len(world.cluster.runs) == 2
+
+
+def test_missing_service_account_fails_the_commit_with_what_to_do(world: World) -> None:
+    world.cluster.service_accounts.clear()
+    delivery = world.push("a")
+    assert world.orch.start(delivery, token="t1") == []
+    assert world.cluster.runs == {}
+    [status] = world.host.statuses
+    assert status.state is CommitState.FAILED
+    assert "service account 'pipeline-bot' not found in namespace 'ci'" in status.description
+
+
+def test_annotated_tag_is_peeled_to_its_commit(world: World) -> None:
+    """The push gave the tag object as `after` and no checkout_sha: ls-remote peels it."""
+    world.resolver.tags["v1.0.0"] = SHA2
+    data = json.loads(body(ref="refs/tags/v1.0.0", sha=TAG_OBJECT))
+    data.pop("checkout_sha")
+    r = world.client.post("/hooks/gitlab", content=json.dumps(data).encode(),
+                          headers={"X-Gitlab-Event": "Tag Push Hook", "X-Gitlab-Token": "topsecret"})
+    world.orch.start(r.json()["delivery_id"], token="t1")
+    run = world.only_run()
+    params = {p["name"]: p["value"] for p in run["spec"]["params"]}
+    assert params["git-revision"] == SHA2 and params["image"].endswith(":" + SHA2)
+
+
+def test_a_tag_that_moved_since_the_push_fails_with_a_reason(world: World) -> None:
+    world.resolver.tags["v1.0.0"] = SHA2
+    delivery = world.push("a", ref="refs/tags/v1.0.0", sha=SHA1, after=TAG_OBJECT)
+    world.orch.start(delivery, token="t1")
+    assert world.cluster.runs == {}
+    assert world.host.statuses[-1].state is CommitState.FAILED and "moved" in world.host.statuses[-1].description
+
+
+def test_statuses_follow_the_run_and_never_go_backwards(world: World) -> None:
+    """pending -> running -> success; a late `running` after success is not posted; deploys are triggered once."""
+    world.orch.start(world.push("a"), token="t1")
+    ns, name = "ci", world.only_run()["metadata"]["name"]
+    running = world.cluster.set_condition(ns, name, "Unknown", "Running")
+    assert world.orch.observe(running, token="w1") is CommitState.RUNNING
+    succeeded = world.cluster.set_condition(ns, name, "True", "Succeeded")
+    assert world.orch.observe(succeeded, token="w2") is CommitState.SUCCESS
+    assert world.orch.observe(running, token="w3") is None  # stale snapshot, e.g. a retried task
+    assert world.host.states("cibroker/build-test-push") == ["pending", "running", "success"]
+    assert world.cluster.runs[(ns, name)]["metadata"]["annotations"][pr.A_REPORTED] == "success"
+    assert world.deploys == [name]
+
+
+def test_a_retried_report_by_the_same_task_is_allowed_but_another_task_is_not(world: World) -> None:
+    world.orch.start(world.push("a"), token="t1")
+    ref = RunRef.of(world.only_run())
+    assert world.orch.report(ref, CommitState.RUNNING, "x", token="w1") is True
+    assert world.orch.report(ref, CommitState.RUNNING, "x", token="w1") is True  # its own retry
+    assert world.orch.report(ref, CommitState.RUNNING, "x", token="w2") is False
+
+
+def test_failure_names_the_failing_task(world: World) -> None:
+    world.orch.start(world.push("a"), token="t1")
+    ns, name = "ci", world.only_run()["metadata"]["name"]
+    world.cluster.taskruns[(ns, name)] = [{"metadata": {"name": f"{name}-build", "labels": {"tekton.dev/pipelineTask": "build"}},
+                                          "status": {"conditions": [{"type": "Succeeded", "status": "False", "reason": "Failed",
+                                                                     "message": '"step-build" exited with code 1'}]}}]
+    world.orch.observe(world.cluster.set_condition(ns, name, "False", "Failed", "Tasks Completed: 2 (Failed: 1)"), token="w")
+    assert world.host.statuses[-1].state is CommitState.FAILED
+    assert world.host.statuses[-1].description == 'build-test-push: task build failed (Failed): "step-build" exited with code 1'
+
+
+def test_a_newer_push_cancels_the_older_run_of_the_same_branch(world: World) -> None:
+    world.orch.start(world.push("a", sha=SHA1), token="t1")
+    old_name = world.only_run()["metadata"]["name"]
+    world.cluster.set_condition("ci", old_name, "Unknown", "Running")
+    world.orch.start(world.push("b", sha=SHA2, before=SHA1), token="t2")
+    old = world.cluster.runs[("ci", old_name)]
+    assert old["spec"]["status"] == "Cancelled"
+    assert old["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == SHA2[:8]
+    cancelled = world.cluster.set_condition("ci", old_name, "False", "Cancelled")
+    world.orch.observe(cancelled, token="w")
+    assert [s.description for s in world.host.statuses if s.sha == SHA1][-1] == "build-test-push: canceled, superseded by 22222222"
+
+
+def test_an_older_push_processed_late_is_not_started(world: World) -> None:
+    older, newer = world.push("a", sha=SHA1), world.push("b", sha=SHA2, before=SHA1)
+    world.orch.start(newer, token="t2")
+    world.orch.start(older, token="t1")
+    assert len(world.cluster.runs) == 1
+    assert [(s.sha, str(s.state)) for s in world.host.statuses] == [(SHA2, "pending"), (SHA1, "canceled")]
+
+
+def test_tags_never_supersede(world: World) -> None:
+    world.resolver.tags.update({"v1.0.0": SHA1, "v1.0.1": SHA2})
+    world.orch.start(world.push("a", ref="refs/tags/v1.0.0", sha=SHA1), token="t1")
+    world.orch.start(world.push("b", ref="refs/tags/v1.0.1", sha=SHA2), token="t2")
+    assert all("status" not in r["spec"] for r in world.cluster.runs.values())
+
+
+def succeed(world: World) -> RunRef:
+    world.orch.start(world.push("a"), token="t1")
+    name = world.only_run()["metadata"]["name"]
+    world.orch.observe(world.cluster.set_condition("ci", name, "True", "Succeeded"), token="w")
+    return RunRef.of(world.cluster.runs[("ci", name)])
+
+
+def test_deploy_patches_only_the_named_container_and_reports_success_when_rolled_out(world: World) -> None:
+    ref = succeed(world)
+    assert world.orch.deploy(ref, "staging", token="d1") == "shop-api"
+    dep = world.cluster.deployments[("staging", "shop-api")]
+    containers = {c["name"]: c["image"] for c in dep["spec"]["template"]["spec"]["containers"]}
+    assert containers == {"api": f"registry.example.com/acme/shop-api:{SHA1}", "sidecar": "envoy:1"}
+    assert dep["metadata"]["annotations"]["kubernetes.io/change-cause"].startswith("cibroker: acme/shop-api@11111111")
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is False  # generation not observed yet
+    dep["status"].update(observedGeneration=dep["metadata"]["generation"])
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is True
+    assert world.host.states("deploy/staging") == ["running", "success"]
+
+
+def test_failed_rollout_rolls_back_and_says_so(world: World) -> None:
+    ref = succeed(world)
+    world.orch.deploy(ref, "staging", token="d1")
+    dep = world.cluster.deployments[("staging", "shop-api")]
+    dep["status"].update(observedGeneration=dep["metadata"]["generation"], conditions=[
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+         "message": 'ReplicaSet "shop-api-5d" has timed out progressing.'}])
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is True
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
+    final = world.host.statuses[-1]
+    assert final.name == "deploy/staging" and final.state is CommitState.FAILED
+    assert "rolled back to " + OLD_IMAGE in final.description
+
+
+def test_an_older_commit_never_overwrites_a_newer_deploy(world: World) -> None:
+    """Git ancestry, not arrival order: a commit that is an ancestor of the deployed one is refused."""
+    ref = succeed(world)
+    dep = world.cluster.deployments[("staging", "shop-api")]
+    dep["metadata"]["annotations"]["cibroker.dev/deployed-sha"] = SHA2
+    world.resolver.ancestry.add((SHA1, SHA2))
+    assert world.orch.deploy(ref, "staging", token="d1") is None
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
+    assert world.host.statuses[-1].state is CommitState.CANCELED
+    assert "older than 22222222" in world.host.statuses[-1].description

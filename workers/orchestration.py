@@ -1,0 +1,373 @@
+"""Run orchestration: accepted delivery -> PipelineRun -> commit statuses -> deploy.
+
+Services over the ports (`Cluster`, `GitHost`, `CommitResolver`) and the delivery
+store; Celery tasks in `workers.tasks` are thin wrappers. Every step is idempotent:
+the PipelineRun name is deterministic (AlreadyExists counts as success), status
+reports are claimed in order in Redis (a retry of an older report never overtakes a
+newer one), and a deploy runs once per (run, environment). State a later worker
+needs travels on the PipelineRun's labels and annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import pipelinerun as pr
+from broker.delivery import log_entry
+from broker.errors import Permanent
+from broker.events import RefKind
+from broker.logging import get_logger
+from broker.ports import Cluster, CommitResolver, CommitState, CommitStatus, GitHost, StatusAnswer
+from broker.reporting import RANK, describe, is_final, parse_state, run_state, should_report
+from broker.rollout import A_DEPLOYED_SHA, A_PREVIOUS_IMAGE, A_PREVIOUS_SHA, Rollout, container_image, rollout_status, set_image_patch
+from broker.store import SyncStore
+from config.routing import DeployTarget, Route
+from config.settings import Settings
+
+log = get_logger("cibroker.orchestration")
+GIT_USERNAMES = {"gitlab": "oauth2", "github": "x-access-token", "gitea": "cibroker"}
+CLAIM_TTL = 30 * 86400
+SA_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunRef:
+    """Everything a report needs, read off a PipelineRun (so no API call is needed to report)."""
+
+    namespace: str
+    name: str
+    host: str
+    host_kind: str
+    repo: str
+    repo_id: str
+    ref: str
+    sha: str
+    route: str
+    delivery_id: str
+    status_name: str
+    deploy: tuple[str, ...]
+    clone_url: str
+    image: str
+    reported: CommitState | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def short_ref(self) -> str:
+        return self.ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> RunRef:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        ann = meta.get("annotations") or {}
+        return cls(
+            namespace=str(meta.get("namespace", "")),
+            name=str(meta.get("name", "")),
+            host=labels.get(pr.L_HOST, ""),
+            host_kind=ann.get(pr.A_HOST_KIND, ""),
+            repo=ann.get(pr.A_REPO, ""),
+            repo_id=ann.get(pr.A_REPO_ID, ""),
+            ref=ann.get(pr.A_REF, ""),
+            sha=labels.get(pr.L_SHA, ""),
+            route=labels.get(pr.L_ROUTE, ""),
+            delivery_id=labels.get(pr.L_DELIVERY, ""),
+            status_name=ann.get(pr.A_STATUS_NAME, ""),
+            deploy=tuple(json.loads(ann.get(pr.A_DEPLOY) or "[]")),
+            clone_url=ann.get(pr.A_CLONE_URL, ""),
+            image=ann.get(pr.A_IMAGE, ""),
+            reported=parse_state(ann.get(pr.A_REPORTED)),
+        )
+
+
+@dataclass
+class Orchestrator:
+    settings: Settings
+    store: SyncStore
+    cluster: Cluster
+    git_hosts: Mapping[str, GitHost]
+    resolver: CommitResolver
+    clock: Callable[[], float] = time.time
+    # Called with the PipelineRun snapshot when a run that has deploys succeeded; the tasks layer enqueues them.
+    on_success: Callable[[Mapping[str, Any]], None] = lambda obj: None  # noqa: E731
+    _sa_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    # ---- lookups -------------------------------------------------------------------------
+
+    @property
+    def api_version(self) -> str:
+        return self.settings.env.tekton_api_version
+
+    def route(self, name: str) -> Route:
+        for route in self.settings.routing.routes:
+            if route.name == name:
+                return route
+        raise Permanent(f"route {name!r} is no longer in the routing file")
+
+    def git_auth(self, host_id: str) -> tuple[str, str] | None:
+        creds = self.settings.credentials.get(host_id)
+        host = self.settings.routing.hosts.get(host_id)
+        if creds is None or creds.token is None or host is None:
+            return None
+        return GIT_USERNAMES[host.kind], creds.token.get_secret_value()
+
+    def _log(self, delivery_id: str, step: str, detail: str, **extra: Any) -> None:
+        if delivery_id:
+            self.store.append_log(delivery_id, log_entry(step, detail, at=self.clock(), **extra))
+
+    # ---- start: delivery -> PipelineRun(s) ----------------------------------------------
+
+    def start(self, delivery_id: str, *, attempt: int = 1, token: str | None = None) -> list[str]:
+        """Create the PipelineRun of every matched route; returns their names. Safe to repeat."""
+        record = self.store.get(delivery_id)
+        if record is None:
+            raise Permanent(f"delivery {delivery_id} is not in the store (expired?)")
+        if record["decision"] != "accepted":
+            return []
+        names = []
+        for route_name in record["routes"]:
+            try:
+                names.append(self._start_route(record, self.route(route_name), attempt=attempt, token=token or uuid.uuid4().hex))
+            except Permanent as exc:
+                self._fail_before_run(record, route_name, str(exc), attempt=attempt)
+        return names
+
+    def _start_route(self, record: Mapping[str, Any], route: Route, *, attempt: int, token: str) -> str:
+        push = record["push"]
+        host = self.settings.routing.hosts[route.host]
+        git_url = pr.clone_url(route, api_url=host.api_url, web_url=push.get("web_url", ""))
+        kind = RefKind(push["kind"])
+        sha = self._commit(push, kind=kind, git_url=git_url, host_id=route.host, delivery_id=record["delivery_id"])
+        req = pr.RunRequest(
+            delivery_id=record["delivery_id"], host=record["host"], host_kind=record["host_kind"], repo=push["repo"],
+            repo_id=push["repo_id"], ref=push["ref"], kind=kind, name=push["name"], sha=sha, attempt=attempt,
+            received_at=record["received_at"],
+        )
+        body = pr.render(self.settings.routing, route, req, git_url=git_url, api_version=self.api_version)
+        body["metadata"]["annotations"][pr.A_REPORTED] = CommitState.PENDING.value
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        self._preflight(namespace, body)
+        newer = self._newer_run(route, req, namespace=namespace, name=name) if self._supersedes(route, kind) else None
+        if newer is not None:
+            ref = RunRef.of(body)
+            self.report(ref, CommitState.CANCELED, f"{route.pipeline}: not started, superseded by {newer[:8]}", token=token)
+            self._log(req.delivery_id, "superseded", f"route {route.name}: a newer push ({newer[:8]}) already runs; not started")
+            return name
+        obj, created = self.cluster.create_pipelinerun(body, namespace=namespace)
+        ref = RunRef.of(obj)
+        self._log(req.delivery_id, "pipelinerun_created" if created else "pipelinerun_exists",
+                  f"PipelineRun {namespace}/{name} {'created' if created else 'already existed (same push delivered again)'} "
+                  f"for route {route.name}, commit {sha[:8]}, image {ref.image}", run=f"{namespace}/{name}")
+        self.report(ref, CommitState.PENDING, f"{route.pipeline}: queued", token=token)
+        if self._supersedes(route, kind):
+            self._cancel_older(route, req, namespace=namespace, name=name)
+        return name
+
+    def _commit(self, push: Mapping[str, Any], *, kind: RefKind, git_url: str, host_id: str, delivery_id: str) -> str:
+        """The commit to build: the event's; for tags, confirmed (and peeled) with git ls-remote."""
+        if kind is not RefKind.TAG:
+            return str(push["sha"])
+        peeled = self.resolver.resolve_tag(clone_url=git_url, tag=push["name"], auth=self.git_auth(host_id))
+        if peeled == push["sha"]:
+            detail = f"tag {push['name']} peels to {peeled[:8]} on the remote, as the push said"
+        elif push["sha"] == push["pushed"]:
+            detail = f"tag {push['name']}: the push gave the tag object {push['pushed'][:8]}; it peels to commit {peeled[:8]}"
+        else:
+            raise Permanent(
+                f"tag {push['name']} now peels to {peeled[:8]} on the remote but the push said {push['sha'][:8]}; "
+                "it moved since: push it again or re-run"
+            )
+        self._log(delivery_id, "commit_resolved", detail)
+        return peeled
+
+    def _preflight(self, namespace: str, body: Mapping[str, Any]) -> None:
+        spec = body["spec"]
+        sa = (spec.get("taskRunTemplate") or {}).get("serviceAccountName") or spec.get("serviceAccountName")
+        seen = self._sa_seen.get((namespace, sa))
+        if seen is not None and self.clock() - seen < SA_CACHE_SECONDS:
+            return
+        if not self.cluster.service_account_exists(namespace=namespace, name=sa):
+            raise Permanent(
+                f"service account {sa!r} not found in namespace {namespace!r}: create it with the git basic-auth "
+                "secret (annotated tekton.dev/git-0) and the registry dockerconfigjson secret"
+            )
+        self._sa_seen[(namespace, sa)] = self.clock()
+
+    @staticmethod
+    def _supersedes(route: Route, kind: RefKind) -> bool:
+        return route.supersede and kind is RefKind.BRANCH
+
+    def _same_ref_runs(self, route: Route, req: pr.RunRequest, *, namespace: str) -> list[Mapping[str, Any]]:
+        selector = f"{pr.SELECTOR},{pr.L_ROUTE}={route.name},{pr.L_REF_HASH}={pr.ref_hash(route.name, req.ref)}"
+        items, _ = self.cluster.list_pipelineruns(namespace=namespace, selector=selector)
+        return items
+
+    def _newer_run(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str) -> str | None:
+        """The sha of a run for a later push of the same branch, if one exists."""
+        for other in self._same_ref_runs(route, req, namespace=namespace):
+            meta = other.get("metadata") or {}
+            received = (meta.get("annotations") or {}).get(pr.A_RECEIVED, "")
+            if meta.get("name") != name and received > req.received_at:
+                return str((meta.get("labels") or {}).get(pr.L_SHA, ""))
+        return None
+
+    def _cancel_older(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str) -> None:
+        for other in self._same_ref_runs(route, req, namespace=namespace):
+            meta = other.get("metadata") or {}
+            received = (meta.get("annotations") or {}).get(pr.A_RECEIVED, "")
+            if meta.get("name") == name or received >= req.received_at or is_final(run_state(other)):
+                continue
+            if (other.get("spec") or {}).get("status"):
+                continue  # already being cancelled
+            self.cluster.patch_pipelinerun(
+                namespace=namespace, name=meta["name"],
+                patch={"spec": {"status": route.cancel_status}, "metadata": {"annotations": {pr.A_SUPERSEDED_BY: req.sha[:8]}}},
+            )
+            self._log(str((meta.get("labels") or {}).get(pr.L_DELIVERY, "")), "superseded",
+                      f"PipelineRun {namespace}/{meta['name']} cancelled ({route.cancel_status}): superseded by {req.sha[:8]}")
+
+    def _fail_before_run(self, record: Mapping[str, Any], route_name: str, reason: str, *, attempt: int) -> None:
+        """A permanent problem before any PipelineRun exists: say so on the commit and in the log."""
+        push = record["push"]
+        self._log(record["delivery_id"], "failed", f"route {route_name}: {reason}")
+        log.warning("run_not_started", delivery_id=record["delivery_id"], route=route_name, reason=reason)
+        route = next((r for r in self.settings.routing.routes if r.name == route_name), None)
+        if route is None:
+            return
+        name = pr.run_name(route=route.name, ref=push["ref"], sha=push["sha"], attempt=attempt)
+        ref = RunRef(
+            namespace=route.namespace or self.settings.routing.defaults.namespace, name=name, host=record["host"],
+            host_kind=record["host_kind"], repo=push["repo"], repo_id=push["repo_id"], ref=push["ref"], sha=push["sha"],
+            route=route.name, delivery_id=record["delivery_id"], status_name=pr.status_name(self.settings.routing, route),
+            deploy=(), clone_url="", image="", reported=None,
+        )
+        self.report(ref, CommitState.FAILED, f"{route.pipeline}: not started: {reason}", token=uuid.uuid4().hex)
+
+    # ---- reporting ---------------------------------------------------------------------
+
+    def target_url(self, ref: RunRef) -> str | None:
+        template = self.settings.routing.defaults.target_url
+        if template is None:
+            return None
+        route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
+        return template.format(namespace=ref.namespace, name=ref.name, pipeline=route.pipeline if route else "",
+                               route=ref.route, repo=ref.repo, sha=ref.sha)
+
+    def report(self, ref: RunRef, state: CommitState, description: str, *, token: str, name: str | None = None) -> bool:
+        """Post `state` for the run's commit if it moves forward; True when this call reported it."""
+        status_name = name or ref.status_name
+        if not self.store.claim_report(ref.key, status_name, state=state.value, rank=RANK[state], token=token, ttl=CLAIM_TTL):
+            return False
+        host = self.git_hosts.get(ref.host)
+        if host is None:
+            self._log(ref.delivery_id, "status_skipped", f"{status_name} {state}: no API token for host {ref.host}")
+            return True
+        answer = host.set_status(CommitStatus(
+            repo=ref.repo, repo_id=ref.repo_id, sha=ref.sha, state=state, name=status_name, ref=ref.short_ref,
+            description=description, target_url=self.target_url(ref),
+        ))
+        self._log(ref.delivery_id, "status_posted",
+                  f"{status_name} {state} on {ref.sha[:8]}: {'posted' if answer is StatusAnswer.POSTED else 'host already had it'}"
+                  f" ({description})", status=status_name, state=state.value, answer=answer.value)
+        log.info("status_posted", run=ref.key, status=status_name, state=state.value, answer=answer.value)
+        return True
+
+    def observe(self, obj: Mapping[str, Any], *, token: str) -> CommitState | None:
+        """Report what a PipelineRun shows now (called for watch events and resyncs); returns the state reported."""
+        ref = RunRef.of(obj)
+        state = run_state(obj)
+        if not should_report(ref.reported, state):
+            return None
+        route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
+        pipeline = route.pipeline if route else ref.route
+        taskruns = self.cluster.list_taskruns(namespace=ref.namespace, pipelinerun=ref.name) if state is CommitState.FAILED else []
+        self.report(ref, state, describe(obj, taskruns=taskruns, pipeline=pipeline), token=token)
+        claimed = parse_state(self.store.reported(ref.key).get(ref.status_name))
+        if claimed is not state:
+            return None  # a later state was reported meanwhile; its own report converges the annotation
+        if state is CommitState.SUCCESS and ref.deploy:
+            self.on_success(obj)
+        self.cluster.patch_pipelinerun(namespace=ref.namespace, name=ref.name,
+                                       patch={"metadata": {"annotations": {pr.A_REPORTED: state.value}}})
+        return state
+
+    # ---- deploy --------------------------------------------------------------------------
+
+    def deploy_targets(self, ref: RunRef) -> list[DeployTarget]:
+        route = self.route(ref.route)
+        return [d for d in route.deploy if d.environment in ref.deploy]
+
+    def deploy(self, ref: RunRef, environment: str, *, token: str) -> str | None:
+        """Roll the run's image out to `environment`; returns the deployment to watch, or None when done."""
+        target = next((d for d in self.deploy_targets(ref) if d.environment == environment), None)
+        if target is None:
+            raise Permanent(f"route {ref.route} has no deploy to {environment!r} for {ref.ref}")
+        status = f"deploy/{environment}"
+        deployment = self.cluster.get_deployment(namespace=target.namespace, name=target.deployment)
+        if deployment is None:
+            raise Permanent(f"deployment {target.namespace}/{target.deployment} not found")
+        current_image = container_image(deployment, target.container)
+        if current_image is None:
+            raise Permanent(f"deployment {target.namespace}/{target.deployment} has no container {target.container!r}")
+        deployed = ((deployment.get("metadata") or {}).get("annotations") or {}).get(A_DEPLOYED_SHA, "")
+        if current_image == ref.image:
+            return target.deployment  # already patched (by us before a crash, or an earlier run): follow the rollout
+        if deployed and deployed != ref.sha and self._older_than_deployed(ref, deployed, environment):
+            reason = f"not deployed: {ref.sha[:8]} is older than {deployed[:8]}, which {environment} already runs"
+            self.report(ref, CommitState.CANCELED, reason, token=token, name=status)
+            self._log(ref.delivery_id, "deploy_refused", reason)
+            return None
+        self.report(ref, CommitState.RUNNING, f"rolling {target.deployment} out to {ref.sha[:8]}", token=token, name=status)
+        self.cluster.patch_deployment(namespace=target.namespace, name=target.deployment, patch=set_image_patch(
+            container=target.container, image=ref.image,
+            change_cause=f"cibroker: {ref.repo}@{ref.sha[:8]} ({ref.short_ref}) from PipelineRun {ref.key}",
+            annotations={A_DEPLOYED_SHA: ref.sha, A_PREVIOUS_IMAGE: current_image, A_PREVIOUS_SHA: deployed},
+        ))
+        self._log(ref.delivery_id, "deploy_started",
+                  f"{environment}: {target.namespace}/{target.deployment} container {target.container} {current_image} -> {ref.image}")
+        return target.deployment
+
+    def _older_than_deployed(self, ref: RunRef, deployed: str, environment: str) -> bool:
+        """Is the run's commit an ancestor of the deployed one? Unknown history (e.g. force-pushed away) is not a veto."""
+        try:
+            return self.resolver.is_ancestor(clone_url=ref.clone_url, ancestor=ref.sha, descendant=deployed,
+                                             auth=self.git_auth(ref.host))
+        except Permanent as exc:
+            self._log(ref.delivery_id, "ancestry_unknown",
+                      f"{environment}: cannot tell whether {ref.sha[:8]} is older than {deployed[:8]} ({exc}); deploying")
+            return False
+
+    def check_rollout(self, ref: RunRef, environment: str, *, deadline: float, token: str) -> bool:
+        """True when the rollout is over (reported success, or failed and rolled back)."""
+        target = next(d for d in self.deploy_targets(ref) if d.environment == environment)
+        status = f"deploy/{environment}"
+        deployment = self.cluster.get_deployment(namespace=target.namespace, name=target.deployment)
+        if deployment is None:
+            raise Permanent(f"deployment {target.namespace}/{target.deployment} disappeared during the rollout")
+        rollout = rollout_status(deployment)
+        if rollout.state is Rollout.COMPLETE:
+            self.report(ref, CommitState.SUCCESS, f"{environment} runs {ref.sha[:8]}: {rollout.message}", token=token, name=status)
+            self._log(ref.delivery_id, "deploy_succeeded", f"{environment}: {rollout.message}")
+            return True
+        if rollout.state is Rollout.PROGRESSING and self.clock() < deadline:
+            return False
+        reason = rollout.message if rollout.state is not Rollout.PROGRESSING else f"rollout timed out: {rollout.message}"
+        annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+        previous = annotations.get(A_PREVIOUS_IMAGE)
+        if previous and container_image(deployment, target.container) == ref.image:
+            self.cluster.patch_deployment(namespace=target.namespace, name=target.deployment, patch=set_image_patch(
+                container=target.container, image=previous,
+                change_cause=f"cibroker: rolled back from {ref.sha[:8]}: {reason}"[:250],
+                annotations={A_DEPLOYED_SHA: annotations.get(A_PREVIOUS_SHA, ""), A_PREVIOUS_IMAGE: "", A_PREVIOUS_SHA: ""},
+            ))
+            reason = f"{reason}; rolled back to {previous}"
+        self.report(ref, CommitState.FAILED, f"{environment}: {reason}"[:250], token=token, name=status)
+        self._log(ref.delivery_id, "deploy_failed", f"{environment}: {reason}")
+        return True

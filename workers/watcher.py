@@ -1,0 +1,112 @@
+"""The watcher: follows every managed PipelineRun to its end and hands each change to a worker.
+
+One watch stream per namespace (label selector managed-by=cibroker), resumed from
+the last resourceVersion with bookmarks; 410 Gone -> list again and resume; any
+stream error -> reconnect with capped, jittered backoff. Every `resync_seconds` the
+stream ends and the namespace is listed again, so a missed event or a restart never
+leaves a commit pending. Connections are O(namespaces), not O(runs).
+
+The watcher itself posts nothing: it submits a snapshot of each run whose state moved
+past what its annotation says was reported, and a Celery task reports it. Two
+watchers are safe: reports are claimed in order, so duplicates are no-ops.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from broker.errors import CibrokerError, Expired
+from broker.logging import get_logger
+from broker.pipelinerun import SELECTOR
+from broker.ports import Cluster, CommitState
+from broker.reporting import is_final, parse_state, run_state, should_report
+
+log = get_logger("cibroker.watcher")
+BACKOFF_CAP = 30.0
+
+
+class Watcher:
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespaces: Iterable[str],
+        *,
+        submit: Callable[[Mapping[str, Any]], None],
+        resync_seconds: int = 60,
+        sleep: Callable[[float], bool] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.namespaces = sorted(set(namespaces))
+        self.submit = submit
+        self.resync_seconds = resync_seconds
+        self.stop = threading.Event()
+        self._sleep = sleep or self.stop.wait
+        self._lock = threading.Lock()
+        self._submitted: dict[str, CommitState] = {}
+        self.stats = {"lists": 0, "watches": 0, "events": 0, "submitted": 0, "expired": 0, "errors": 0}
+
+    def run(self) -> None:
+        """Follow every namespace until `stop` is set (one thread per namespace)."""
+        threads = [threading.Thread(target=self.follow, args=(ns,), name=f"watch-{ns}", daemon=True) for ns in self.namespaces]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def follow(self, namespace: str) -> None:
+        version, failures = "", 0
+        while not self.stop.is_set():
+            try:
+                if not version:
+                    version = self.resync(namespace)
+                self.stats["watches"] += 1
+                for event in self.cluster.watch_pipelineruns(
+                    namespace=namespace, selector=SELECTOR, resource_version=version, timeout_seconds=self.resync_seconds
+                ):
+                    if self.stop.is_set():
+                        return
+                    version = event.resource_version or version
+                    self.stats["events"] += 1
+                    if event.type in ("ADDED", "MODIFIED"):
+                        self.consider(event.object)
+                version = ""  # the window ended: list again (periodic resync), then watch on
+                failures = 0
+            except Expired:
+                self.stats["expired"] += 1
+                log.info("watch_expired", namespace=namespace)
+                version = ""
+            except CibrokerError as exc:
+                self.stats["errors"] += 1
+                failures += 1
+                delay = random.uniform(0, min(BACKOFF_CAP, 0.5 * 2**failures))
+                log.warning("watch_failed", namespace=namespace, error=str(exc), retry_in=round(delay, 2))
+                self._sleep(delay)
+
+    def resync(self, namespace: str) -> str:
+        items, version = self.cluster.list_pipelineruns(namespace=namespace, selector=SELECTOR)
+        self.stats["lists"] += 1
+        with self._lock:  # anything still unreported is submitted again after a resync
+            for key in [k for k in self._submitted if k.startswith(f"{namespace}/")]:
+                del self._submitted[key]
+        for obj in items:
+            self.consider(obj)
+        return version
+
+    def consider(self, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        state = run_state(obj)
+        reported = parse_state((meta.get("annotations") or {}).get("cibroker.dev/reported"))
+        with self._lock:
+            if not should_report(reported, state):
+                if is_final(reported):
+                    self._submitted.pop(key, None)
+                return
+            if self._submitted.get(key) is state:
+                return
+            self._submitted[key] = state
+        self.stats["submitted"] += 1
+        self.submit(obj)
