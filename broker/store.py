@@ -111,6 +111,11 @@ class AsyncStore:
         except _ERRORS as exc:
             raise StoreUnavailable(f"redis unavailable while {doing}: {type(exc).__name__}") from exc
 
+    async def prepare(self) -> None:
+        """Load the Lua script now, so the first webhook does not pay for (or trip over) NOSCRIPT."""
+        async with self._errors("loading scripts"):
+            await self._client.script_load(ACCEPT)
+
     async def accept(
         self, *, host_id: str, identity: Identity, delivery_id: str, record: dict[str, Any], message: str, log: list[dict[str, Any]]
     ) -> str | None:

@@ -10,16 +10,17 @@ holds it to what Celery itself produces and runs it on a real worker.
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from typing import Any
+
+import orjson
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
 def task_message(*, task: str, task_id: str, args: list[Any], queue: str, origin: str) -> str:
     """JSON text to LPUSH onto the Redis list named `queue` (priority 0)."""
-    body = json.dumps([args, {}, _EMBED], separators=(",", ":")).encode("utf-8")
+    body = orjson.dumps([args, {}, _EMBED])
     headers = {
         "lang": "py",
         "task": task,
@@ -53,4 +54,4 @@ def task_message(*, task: str, task_id: str, args: list[Any], queue: str, origin
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return json.dumps(envelope, separators=(",", ":"))
+    return orjson.dumps(envelope).decode()

@@ -109,6 +109,10 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None) -> Starle
                 queue=env.queue,
             )
         try:
+            await state["store"].prepare()
+        except StoreUnavailable as exc:  # not fatal: /readyz says so, and the edge answers 503 until Redis is back
+            log.warning("store_unavailable_at_start", error=str(exc))
+        try:
             yield
         finally:
             if store is None:

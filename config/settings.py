@@ -161,19 +161,20 @@ def resolve_credentials(
     creds: dict[str, HostCredentials] = {}
     errors: list[str] = []
     warnings: list[str] = []
-    for host_id, host in routing.hosts.items():
-        def resolve(refs: list[SecretRef], key: str) -> tuple[SecretStr, ...]:
-            got = []
-            for i, ref in enumerate(refs):
-                value = _read_secret(ref, environ=environ, base=base)
-                if value is None:
-                    warnings.append(f"hosts.{host_id}.{key}[{i}]: {ref.describe()} is not set (skipped)")
-                else:
-                    got.append(SecretStr(value))
-            return tuple(got)
 
-        webhook = resolve(host.webhook_secrets, "webhook_secrets")
-        signing = resolve(host.signing_secrets, "signing_secrets")
+    def resolve(refs: list[SecretRef], where: str) -> tuple[SecretStr, ...]:
+        got = []
+        for i, ref in enumerate(refs):
+            value = _read_secret(ref, environ=environ, base=base)
+            if value is None:
+                warnings.append(f"{where}[{i}]: {ref.describe()} is not set (skipped)")
+            else:
+                got.append(SecretStr(value))
+        return tuple(got)
+
+    for host_id, host in routing.hosts.items():
+        webhook = resolve(host.webhook_secrets, f"hosts.{host_id}.webhook_secrets")
+        signing = resolve(host.signing_secrets, f"hosts.{host_id}.signing_secrets")
         if host.webhook_secrets and not webhook:
             errors.append(f"hosts.{host_id}.webhook_secrets: none is set ({', '.join(r.describe() for r in host.webhook_secrets)}); every request to /hooks/{host_id} would be refused")
         if host.signing_secrets and not signing:

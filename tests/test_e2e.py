@@ -173,3 +173,23 @@ def test_serve_refuses_to_start_on_a_broken_routing_file(tmp_path: Path) -> None
     assert result.returncode == 2
     assert f"{bad}: routes[0].evnts: Extra inputs are not permitted" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_a_redis_server_binary_the_fallback_works_and_says_it_is_not_durable(tmp_path: Path) -> None:
+    """No redis-server on PATH and no CIBROKER_REDIS_URL: in-memory fakeredis, announced as NOT durable."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**base_env(tmp_path), "PATH": str(tmp_path / "empty-bin")}
+    env = {k: v for k, v in env.items() if not k.endswith("WEBHOOK_SECRET")}
+    proc = Process(["serve", "--port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "serve.log")
+    try:
+        wait_healthy(url, proc)
+        opening = proc.lines()[0]
+        assert "fakeredis" in opening["store"] and "NOT durable" in opening["store"]
+        secret = (tmp_path / "state" / "webhook-secret").read_text().strip()
+        headers = {**PUSH_HEADERS, "X-Gitlab-Token": secret}
+        body = payload("gitlab/push-branch-update.json")
+        assert httpx.post(f"{url}/hooks/gitlab", content=body, headers=headers).status_code == 202
+        assert httpx.post(f"{url}/hooks/gitlab", content=body, headers=headers).json()["decision"] == "duplicate"
+    finally:
+        proc.stop()

@@ -183,12 +183,30 @@ def test_a_newer_push_cancels_the_older_run_of_the_same_branch(world: World) -> 
     assert [s.description for s in world.host.statuses if s.sha == SHA1][-1] == "build-test-push: canceled, superseded by 22222222"
 
 
-def test_an_older_push_processed_late_is_not_started(world: World) -> None:
+def test_an_older_push_processed_late_is_cancelled_at_once(world: World) -> None:
+    """The newer push's run exists already: the late older run is cancelled right after it is created."""
     older, newer = world.push("a", sha=SHA1), world.push("b", sha=SHA2, before=SHA1)
     world.orch.start(newer, token="t2")
     world.orch.start(older, token="t1")
-    assert len(world.cluster.runs) == 1
-    assert [(s.sha, str(s.state)) for s in world.host.statuses] == [(SHA2, "pending"), (SHA1, "canceled")]
+    runs = {r["metadata"]["labels"][pr.L_SHA]: r for r in world.cluster.runs.values()}
+    assert runs[SHA1]["spec"]["status"] == "Cancelled"
+    assert runs[SHA1]["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == SHA2[:8]
+    assert "status" not in runs[SHA2]["spec"]
+
+
+def test_a_run_costs_create_list_and_two_patches(world: World) -> None:
+    """API budget per run beyond the watch: create, one list (supersede), running and final patches."""
+    world.orch.start(world.push("a"), token="t1")
+    name = world.only_run()["metadata"]["name"]
+    world.orch.observe(world.cluster.set_condition("ci", name, "Unknown", "Running"), token="w1")
+    world.orch.observe(world.cluster.set_condition("ci", name, "True", "Succeeded"), token="w2")
+    world.cluster.calls.clear()
+    world.orch.start(world.push("b", sha=SHA2, ref="refs/heads/release/1"), token="t2")
+    other = next(n for (_, n) in world.cluster.runs if n != name)
+    world.orch.observe(world.cluster.set_condition("ci", other, "Unknown", "Running"), token="w3")
+    world.orch.observe(world.cluster.set_condition("ci", other, "True", "Succeeded"), token="w4")
+    assert [c for c, _ in world.cluster.calls] == [
+        "create_pipelinerun", "list_pipelineruns", "patch_pipelinerun", "patch_pipelinerun"]  # SA check cached
 
 
 def test_tags_never_supersede(world: World) -> None:

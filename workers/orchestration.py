@@ -154,12 +154,6 @@ class Orchestrator:
         body["metadata"]["annotations"][pr.A_REPORTED] = CommitState.PENDING.value
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         self._preflight(namespace, body)
-        newer = self._newer_run(route, req, namespace=namespace, name=name) if self._supersedes(route, kind) else None
-        if newer is not None:
-            ref = RunRef.of(body)
-            self.report(ref, CommitState.CANCELED, f"{route.pipeline}: not started, superseded by {newer[:8]}", token=token)
-            self._log(req.delivery_id, "superseded", f"route {route.name}: a newer push ({newer[:8]}) already runs; not started")
-            return name
         obj, created = self.cluster.create_pipelinerun(body, namespace=namespace)
         ref = RunRef.of(obj)
         self._log(req.delivery_id, "pipelinerun_created" if created else "pipelinerun_exists",
@@ -167,7 +161,7 @@ class Orchestrator:
                   f"for route {route.name}, commit {sha[:8]}, image {ref.image}", run=f"{namespace}/{name}")
         self.report(ref, CommitState.PENDING, f"{route.pipeline}: queued", token=token)
         if self._supersedes(route, kind):
-            self._cancel_older(route, req, namespace=namespace, name=name)
+            self._supersede(route, req, namespace=namespace, name=name)
         return name
 
     def _commit(self, push: Mapping[str, Any], *, kind: RefKind, git_url: str, host_id: str, delivery_id: str) -> str:
@@ -204,34 +198,31 @@ class Orchestrator:
     def _supersedes(route: Route, kind: RefKind) -> bool:
         return route.supersede and kind is RefKind.BRANCH
 
-    def _same_ref_runs(self, route: Route, req: pr.RunRequest, *, namespace: str) -> list[Mapping[str, Any]]:
+    def _supersede(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str) -> None:
+        """After creating our run: cancel older unfinished runs of this branch, or ours if a newer push exists.
+
+        Listing *after* the create means two pushes processed at once still see each other.
+        """
         selector = f"{pr.SELECTOR},{pr.L_ROUTE}={route.name},{pr.L_REF_HASH}={pr.ref_hash(route.name, req.ref)}"
         items, _ = self.cluster.list_pipelineruns(namespace=namespace, selector=selector)
-        return items
-
-    def _newer_run(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str) -> str | None:
-        """The sha of a run for a later push of the same branch, if one exists."""
-        for other in self._same_ref_runs(route, req, namespace=namespace):
+        others = [o for o in items if (o.get("metadata") or {}).get("name") != name]
+        newest = max(others, key=lambda o: (o.get("metadata") or {}).get("annotations", {}).get(pr.A_RECEIVED, ""), default=None)
+        newest_received = ((newest or {}).get("metadata") or {}).get("annotations", {}).get(pr.A_RECEIVED, "")
+        if newest is not None and newest_received > req.received_at:
+            self._cancel(route, namespace=namespace, name=name, delivery_id=req.delivery_id,
+                         by=str(newest["metadata"]["labels"].get(pr.L_SHA, ""))[:8])
+            return
+        for other in others:
             meta = other.get("metadata") or {}
-            received = (meta.get("annotations") or {}).get(pr.A_RECEIVED, "")
-            if meta.get("name") != name and received > req.received_at:
-                return str((meta.get("labels") or {}).get(pr.L_SHA, ""))
-        return None
+            if is_final(run_state(other)) or (other.get("spec") or {}).get("status"):
+                continue  # finished, or already being cancelled
+            self._cancel(route, namespace=namespace, name=meta["name"], delivery_id=str(meta["labels"].get(pr.L_DELIVERY, "")),
+                         by=req.sha[:8])
 
-    def _cancel_older(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str) -> None:
-        for other in self._same_ref_runs(route, req, namespace=namespace):
-            meta = other.get("metadata") or {}
-            received = (meta.get("annotations") or {}).get(pr.A_RECEIVED, "")
-            if meta.get("name") == name or received >= req.received_at or is_final(run_state(other)):
-                continue
-            if (other.get("spec") or {}).get("status"):
-                continue  # already being cancelled
-            self.cluster.patch_pipelinerun(
-                namespace=namespace, name=meta["name"],
-                patch={"spec": {"status": route.cancel_status}, "metadata": {"annotations": {pr.A_SUPERSEDED_BY: req.sha[:8]}}},
-            )
-            self._log(str((meta.get("labels") or {}).get(pr.L_DELIVERY, "")), "superseded",
-                      f"PipelineRun {namespace}/{meta['name']} cancelled ({route.cancel_status}): superseded by {req.sha[:8]}")
+    def _cancel(self, route: Route, *, namespace: str, name: str, delivery_id: str, by: str) -> None:
+        self.cluster.patch_pipelinerun(namespace=namespace, name=name, patch={
+            "spec": {"status": route.cancel_status}, "metadata": {"annotations": {pr.A_SUPERSEDED_BY: by}}})
+        self._log(delivery_id, "superseded", f"PipelineRun {namespace}/{name} cancelled ({route.cancel_status}): superseded by {by}")
 
     def _fail_before_run(self, record: Mapping[str, Any], route_name: str, reason: str, *, attempt: int) -> None:
         """A permanent problem before any PipelineRun exists: say so on the commit and in the log."""
