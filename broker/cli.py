@@ -17,8 +17,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import SecretStr
 
-from broker import embedded
-from broker.errors import ConfigError, StoreUnavailable
+from broker import cli_oncall, embedded
+from broker.errors import ConfigError
 from broker.logging import configure, get_logger
 from config.settings import Settings, load_settings, parse_routing, resolve_credentials
 
@@ -29,9 +29,7 @@ deliveries_app = typer.Typer(no_args_is_help=True, help="Look at stored deliveri
 app.add_typer(config_app, name="config")
 app.add_typer(deliveries_app, name="deliveries")
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Routing file (default: $CIBROKER_CONFIG, else the embedded defaults).")
-]
+ConfigOption = cli_oncall.ConfigOption
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -182,39 +180,7 @@ def config_check(
         raise typer.Exit(1)
 
 
-@deliveries_app.command("show")
-def deliveries_show(
-    delivery_id: Annotated[str, typer.Argument(help="Delivery id (from the webhook answer).")],
-    config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The stored record as JSON.")] = False,
-) -> None:
-    """A delivery's record and decision log."""
-    from broker.store import SyncStore
-
-    settings = _settings(config)
-    configure(fmt=settings.env.log_format, level="warning")
-    settings, _ = _with_store(settings)
-    assert settings.env.redis_url is not None
-    store = SyncStore(settings.env.redis_url.get_secret_value(), timeout=settings.env.redis_timeout_seconds)
-    try:
-        found = store.get(delivery_id)
-    except StoreUnavailable as exc:
-        raise fail(str(exc), 3) from None
-    if found is None:
-        raise fail(f"no delivery {delivery_id} (unknown, or older than the retention period)", 1)
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    push = found.get("push") or {}
-    typer.echo(f"delivery {found['delivery_id']}  {found['decision']}  state={found['state']}")
-    typer.echo(f"  host {found['host']} ({found['host_kind']})  event {found['event']!r}  received {found['received_at']}")
-    if push:
-        typer.echo(f"  {push['repo']}  {push['kind']} {push['name']}  sha {push['sha']}")
-    typer.echo(f"  reason: {found['reason']}")
-    if found["duplicates"]:
-        typer.echo(f"  duplicates received: {found['duplicates']}")
-    for entry in found["log"]:
-        typer.echo(f"  {entry['at']}  {entry['step']:<13} {entry['detail']}")
+cli_oncall.register(app, settings_for=_settings, with_store=_with_store, deliveries_app=deliveries_app)
 
 
 def main() -> None:

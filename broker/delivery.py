@@ -17,6 +17,7 @@ from broker.events import Identity, Ignored, PushEvent
 
 PREFIX = "cibroker:"
 PROCESS_TASK = "cibroker.process_delivery"
+DEPLOY_TASK = "cibroker.deploy"  # queued by people too (rerun --deploy-only), so named here
 # Headers worth keeping for the decision log; values are clipped. Credentials are never listed.
 KEPT_HEADERS = frozenset((
     "user-agent",
@@ -58,6 +59,7 @@ def log_key(delivery_id: str) -> str:
 
 
 INDEX_KEY = f"{PREFIX}deliveries"
+AUDIT_KEY = f"{PREFIX}audit"
 
 
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:

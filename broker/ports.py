@@ -57,6 +57,9 @@ class CommitResolver(Protocol):
     def resolve_tag(self, *, clone_url: str, tag: str, auth: tuple[str, str] | None) -> str:
         """The commit a tag peels to on the remote (git ls-remote); Permanent if the tag is not there."""
 
+    def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
+        """The commit at the head of a branch on the remote now (for `cibroker rerun --ref`)."""
+
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
         """True when `ancestor` is reachable from `descendant` (git merge-base --is-ancestor)."""
 
@@ -91,6 +94,9 @@ class Cluster(Protocol):
     def service_account_exists(self, *, namespace: str, name: str) -> bool: ...
 
     def list_taskruns(self, *, namespace: str, pipelinerun: str) -> list[Mapping[str, Any]]: ...
+
+    def delete_pipelinerun(self, *, namespace: str, name: str) -> None:
+        """Delete (its TaskRuns go with it); a run already gone is not an error."""
 
     def get_deployment(self, *, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 

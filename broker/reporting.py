@@ -54,8 +54,14 @@ def describe(pipelinerun: Mapping[str, Any], *, taskruns: list[Mapping[str, Any]
     if state is CommitState.SUCCESS:
         return f"{label}: succeeded"
     if state is CommitState.CANCELED:
-        superseded = ((pipelinerun.get("metadata") or {}).get("annotations") or {}).get("cibroker.dev/superseded-by")
-        return f"{label}: canceled, superseded by {superseded}" if superseded else f"{label}: canceled ({reason})"
+        annotations = (pipelinerun.get("metadata") or {}).get("annotations") or {}
+        superseded = annotations.get("cibroker.dev/superseded-by")
+        if superseded:
+            return f"{label}: canceled, superseded by {superseded}"
+        by, why = annotations.get("cibroker.dev/cancelled-by"), annotations.get("cibroker.dev/cancel-reason")
+        if by:
+            return f"{label}: canceled by {by}" + (f": {why}" if why else "")
+        return f"{label}: canceled ({reason})"
     failing = failing_task(taskruns)
     if reason in TIMEOUT_REASONS:
         return f"{label}: timed out" + (f" in task {failing[0]}" if failing else "")

@@ -22,7 +22,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from broker.delivery import INDEX_KEY, PREFIX, dedup_key, iso, log_key, record_key
+from broker.delivery import AUDIT_KEY, INDEX_KEY, PREFIX, dedup_key, iso, log_key, record_key
 from broker.errors import StoreUnavailable
 from broker.events import Identity
 
@@ -154,6 +154,16 @@ class AsyncStore:
                 fields, log = await pipe.execute()
         return decode_delivery(fields, log)
 
+    async def counters(self, families: list[str], *, queue: str) -> tuple[dict[str, dict[str, float]], int]:
+        """Cluster-wide metric counters and the queue depth, in one round trip (for /metrics)."""
+        async with self._errors("reading metrics"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for family in families:
+                    pipe.hgetall(f"{PREFIX}metrics:{family}")
+                pipe.llen(queue)
+                *rows, depth = await pipe.execute()
+        return {f: {k.decode(): float(v) for k, v in row.items()} for f, row in zip(families, rows)}, int(depth)
+
     async def ping(self) -> None:
         async with self._errors("checking readiness"):
             await self._client.ping()
@@ -211,6 +221,102 @@ class SyncStore:
             pipe.get(f"{PREFIX}once:{key}")
             _, holder = pipe.execute()
         return holder is not None and holder.decode() == token
+
+    # ---- on-call operations (broker.operations) ------------------------------------------
+
+    def recent(self, *, limit: int, before_ms: int | None = None) -> list[dict[str, Any]]:
+        """The newest delivery records (no decision logs), newest first."""
+        with self._errors("listing deliveries"):
+            ids = self._client.zrevrangebyscore(INDEX_KEY, "+inf" if before_ms is None else f"({before_ms}", "-inf",
+                                                start=0, num=limit)
+            pipe = self._client.pipeline(transaction=False)
+            for delivery_id in ids:
+                pipe.hgetall(record_key(delivery_id.decode()))
+            rows = pipe.execute()
+        return [found for fields in rows if (found := decode_delivery(fields, [])) is not None]
+
+    def next_attempt(self, key: str, *, ttl: int) -> int:
+        """2, 3, ... for successive re-runs of one commit (the first run, from the webhook, is attempt 1)."""
+        with self._errors("numbering a re-run"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(f"{PREFIX}attempts:{key}", 1, nx=True, ex=ttl)
+            pipe.incr(f"{PREFIX}attempts:{key}")
+            pipe.expire(f"{PREFIX}attempts:{key}", ttl)
+            return int(pipe.execute()[1])
+
+    def peek_attempt(self, key: str) -> int:
+        """The attempt number `next_attempt` would hand out now (for dry runs)."""
+        with self._errors("reading re-run numbers"):
+            current = self._client.get(f"{PREFIX}attempts:{key}")
+        return int(current or 1) + 1
+
+    def count_many(self, increments: list[tuple[str, str, float]]) -> None:
+        """Several (family, labels, amount) additions in one round trip (e.g. a histogram observation)."""
+        with self._errors("counting"):
+            pipe = self._client.pipeline(transaction=False)
+            for family, labels, by in increments:
+                pipe.hincrbyfloat(f"{PREFIX}metrics:{family}", labels, by)
+            pipe.execute()
+
+    def add_delivery(self, *, record: dict[str, Any], log: list[dict[str, Any]], queue: str, message: str, ttl: int) -> None:
+        """Store a delivery made by a person (a re-run) and queue its task, in one transaction."""
+        delivery_id = record["delivery_id"]
+        with self._errors("storing a re-run"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(record_key(delivery_id), mapping={"record": _dumps(record), "state": "queued", "duplicates": 0})
+            pipe.expire(record_key(delivery_id), ttl)
+            pipe.rpush(log_key(delivery_id), *[_dumps(e) for e in log])
+            pipe.expire(log_key(delivery_id), ttl)
+            pipe.zadd(INDEX_KEY, {delivery_id: int(time.time() * 1000)})
+            pipe.lpush(queue, message)
+            pipe.execute()
+
+    def enqueue(self, *, queue: str, message: str) -> None:
+        with self._errors("queueing a task"):
+            self._client.lpush(queue, message)
+
+    def audit(self, entry: dict[str, Any], *, retention_seconds: int) -> None:
+        """Record who did what, when and why; entries older than the retention period are dropped."""
+        now_ms = int(time.time() * 1000)
+        with self._errors("writing the audit log"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zadd(AUDIT_KEY, {_dumps({"at": iso(now_ms / 1000), **entry}): now_ms})
+            pipe.zremrangebyscore(AUDIT_KEY, "-inf", now_ms - retention_seconds * 1000)
+            pipe.execute()
+
+    def audit_log(self, *, limit: int) -> list[dict[str, Any]]:
+        with self._errors("reading the audit log"):
+            raw = self._client.zrevrange(AUDIT_KEY, 0, limit - 1)
+        return [json.loads(item) for item in raw]
+
+    def prune(self, *, retention_seconds: int) -> int:
+        """Drop index entries (and audit entries) older than the retention period; records expire by TTL."""
+        cutoff = int(time.time() * 1000) - retention_seconds * 1000
+        with self._errors("pruning"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zremrangebyscore(INDEX_KEY, "-inf", cutoff)
+            pipe.zremrangebyscore(AUDIT_KEY, "-inf", cutoff)
+            removed = pipe.execute()
+        return int(removed[0]) + int(removed[1])
+
+    def queue_depth(self, queue: str) -> int:
+        with self._errors("reading the queue depth"):
+            return int(self._client.llen(queue))
+
+    # ---- metrics shared by every process (broker.metrics) -------------------------------
+
+    def count(self, family: str, labels: str, *, by: float = 1) -> None:
+        """Add to a cluster-wide counter (a Redis hash per family, one field per label set)."""
+        with self._errors("counting"):
+            self._client.hincrbyfloat(f"{PREFIX}metrics:{family}", labels, by)
+
+    def counters(self, families: list[str]) -> dict[str, dict[str, float]]:
+        with self._errors("reading metrics"):
+            pipe = self._client.pipeline(transaction=False)
+            for family in families:
+                pipe.hgetall(f"{PREFIX}metrics:{family}")
+            rows = pipe.execute()
+        return {family: {k.decode(): float(v) for k, v in row.items()} for family, row in zip(families, rows)}
 
     def ping(self) -> None:
         with self._errors("pinging"):

@@ -10,9 +10,7 @@ the host shows the failure and can resend.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
-import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -21,11 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import broker
 from broker import delivery
+from broker.api import ApiAuth, api_routes, json_answer, openapi
+from broker.metrics import SHARED, EdgeMetrics
+from broker.operations import Operations
 from broker.errors import Rejected, StoreUnavailable
 from broker.events import Ignored
 from broker.logging import get_logger
@@ -37,8 +40,10 @@ from config.routing import Host
 from config.settings import Settings
 
 log = get_logger("cibroker.web")
-DELIVERY_ID = re.compile(r"^[0-9a-f]{26}$")
 BODY_TIMEOUT_SECONDS = 10.0
+
+
+_DECISIONS = {200: "ignored", 202: "accepted"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +78,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings, *, store: AsyncStore | None = None) -> Starlette:
+def create_app(settings: Settings, *, store: AsyncStore | None = None, operations: Operations | None = None) -> Starlette:
+    """The web app: webhook edge, on-call API, dashboard, metrics.
+
+    `operations` is the on-call service; by default it is built at start-up with the real
+    adapters (a cluster when KUBECONFIG or in-cluster credentials are there, else none).
+    """
     env = settings.env
     edges = {
         host_id: HostEdge(
@@ -90,10 +100,10 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None) -> Starle
         for host_id, host in settings.routing.hosts.items()
     }
     routes = settings.routing.routes
-    api_tokens = tuple(t.encode() for t in env.api_token_values())
-    api_open = not api_tokens and settings.embedded_defaults
+    auth = ApiAuth(env.api_token_names(), open_without_tokens=settings.embedded_defaults)
     origin = f"cibroker-web@{socket.gethostname()}:{os.getpid()}"
-    state: dict[str, AsyncStore] = {}
+    state: dict[str, Any] = {}
+    edge_metrics = EdgeMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -112,14 +122,36 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None) -> Starle
             await state["store"].prepare()
         except StoreUnavailable as exc:  # not fatal: /readyz says so, and the edge answers 503 until Redis is back
             log.warning("store_unavailable_at_start", error=str(exc))
+        if operations is not None:
+            state["ops"] = operations
+        else:
+            from workers.wiring import cluster_or_none, default_operations
+
+            cluster, why = await run_in_threadpool(cluster_or_none, settings)
+            if cluster is None:
+                log.info("api_without_cluster", detail=f"run views and actions answer 503: {why}")
+            state["ops"] = default_operations(settings, cluster=cluster, find_cluster=False)
         try:
             yield
         finally:
             if store is None:
                 await state["store"].close()
+            if operations is None:
+                state["ops"].store.close()
 
     async def hook(request: Request) -> Response:
         started = time.perf_counter()
+        answer = await _hook(request, started)
+        decision = "rejected" if answer.status_code >= 400 else _DECISIONS.get(answer.status_code, "answered")
+        if answer.status_code == 200 and answer.body.startswith(b'{"decision":"duplicate"'):
+            decision = "duplicate"
+        edge_metrics.observe(host=request.path_params["host_id"] if request.path_params["host_id"] in edges else "unknown",
+                             event=request.headers.get("x-gitlab-event") or request.headers.get("x-github-event")
+                             or request.headers.get("x-gitea-event") or "", decision=decision,
+                             seconds=time.perf_counter() - started)
+        return answer
+
+    async def _hook(request: Request, started: float) -> Response:
         received = time.time()
         host_id = request.path_params["host_id"]
         edge = edges.get(host_id)
@@ -191,32 +223,19 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None) -> Starle
                  delivery_id=answer.get("delivery_id"), took_ms=round((time.perf_counter() - started) * 1000, 2))
         return _json(200, answer)
 
-    def _api_allowed(request: Request) -> Response | None:
-        if api_open:
-            return None
-        if not api_tokens:
-            return _json(401, {"error": "the API needs a bearer token; set CIBROKER_API_TOKENS on the server"})
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return _json(401, {"error": "missing Authorization: Bearer <token>"})
-        ok = False
-        for known in api_tokens:
-            ok |= hmac.compare_digest(token.strip().encode(), known)
-        return None if ok else _json(403, {"error": "invalid API token"})
+    def ops() -> Operations:
+        return state["ops"]
 
-    async def get_delivery(request: Request) -> Response:
-        if (denied := _api_allowed(request)) is not None:
-            return denied
-        delivery_id = request.path_params["delivery_id"]
-        if not DELIVERY_ID.match(delivery_id):
-            return _json(404, {"error": "no such delivery (ids are 26 lower-case hex characters)"})
+    async def metrics_endpoint(request: Request) -> Response:
         try:
-            found = await state["store"].get(delivery_id)
-        except StoreUnavailable:
-            return _json(503, {"error": "cannot read deliveries right now (redis unavailable)"})
-        if found is None:
-            return _json(404, {"error": f"no delivery {delivery_id} (unknown, or older than the retention period)"})
-        return _json(200, found)
+            counters, depth = await state["store"].counters([f.name for f in SHARED], queue=env.queue)
+        except StoreUnavailable as exc:  # this process's own figures still help; say the rest is missing
+            log.warning("metrics_without_store", error=str(exc))
+            counters, depth = None, None
+        return Response(edge_metrics.render(counters, queue_depth=depth), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi_endpoint(request: Request) -> Response:
+        return json_answer(200, openapi(broker.__version__))
 
     async def healthz(request: Request) -> Response:
         return _json(200, {"status": "ok"})
@@ -231,7 +250,9 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None) -> Starle
     return Starlette(
         routes=[
             Route("/hooks/{host_id}", hook, methods=["POST"]),
-            Route("/api/deliveries/{delivery_id}", get_delivery, methods=["GET"]),
+            *api_routes(auth, ops),
+            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

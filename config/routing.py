@@ -161,6 +161,7 @@ class Route(_Model):
     timeout: Annotated[str, Field(pattern=GO_DURATION)] | None = None
     supersede: bool = True
     cancel_status: Literal["Cancelled", "CancelledRunFinally"] = "Cancelled"
+    max_keep_runs: Annotated[int, Field(ge=1, le=10000)] | None = None  # prune older finished runs of this route
 
     _image_tag = field_validator("image_tag")(lambda v: check_template(v, IMAGE_TAG_FIELDS))
     _image = field_validator("image")(lambda v: check_template(v, ("repo",)))

@@ -8,6 +8,7 @@ or files named in the routing file, into `SecretStr` (redacted repr).
 from __future__ import annotations
 
 import os
+import re
 import secrets as _secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,9 +55,23 @@ class EnvSettings(BaseModel):
             raise ConfigError([f"environment: {ENV_PREFIX}{_loc(e['loc']).upper()}: {e['msg']}" for e in exc.errors()]) from exc
 
     def api_token_values(self) -> tuple[str, ...]:
+        return tuple(token for _, token in self.api_token_names())
+
+    def api_token_names(self) -> tuple[tuple[str, str], ...]:
+        """(name, token) per entry of CIBROKER_API_TOKENS: `name=token`, or a bare token (named token1, token2, ...).
+
+        The name is what the audit log records as who acted.
+        """
         if self.api_tokens is None:
             return ()
-        return tuple(t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip())
+        out = []
+        for i, entry in enumerate(t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()):
+            name, sep, token = entry.partition("=")
+            if sep and token and re.fullmatch(r"[A-Za-z][A-Za-z0-9_.@-]{0,63}", name):
+                out.append((name, token))
+            else:
+                out.append((f"token{i + 1}", entry))
+        return tuple(out)
 
 
 @dataclass(frozen=True)

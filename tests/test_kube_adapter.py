@@ -421,4 +421,13 @@ def test_rbac_lists_exactly_the_calls_the_adapter_makes(
     kube_cluster.service_account_exists(namespace=NS, name="bot")
     kube_cluster.get_deployment(namespace=NS, name="api")
     kube_cluster.patch_deployment(namespace=NS, name="api", patch={"metadata": {"labels": {"a": "b"}}})
+    kube_cluster.delete_pipelinerun(namespace=NS, name="build-1")
     assert {_permission(r) for r in kube_api.requests} == RBAC
+
+
+def test_deleting_a_pipelinerun_removes_it_and_a_missing_one_is_not_an_error(
+        kube_cluster: KubeCluster, kube_api: FakeKubeAPI) -> None:
+    kube_cluster.create_pipelinerun(pipelinerun(), namespace=NS)
+    kube_cluster.delete_pipelinerun(namespace=NS, name="build-1")
+    assert kube_cluster.get_pipelinerun(namespace=NS, name="build-1") is None
+    kube_cluster.delete_pipelinerun(namespace=NS, name="build-1")  # already gone: no error

@@ -132,6 +132,19 @@ class GitCommitResolver:
             raise Permanent(f"tag {tag} not found on {remote.url}")
         return sha.strip().lower()
 
+    def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
+        """The commit at the head of `branch` on the remote now; Permanent if there is no such branch."""
+        remote = _remote(clone_url, auth)
+        _check_tag(branch)  # branch and tag names share git's ref-name rules
+        ref = f"refs/heads/{branch}"
+        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        out = self._git(remote, "ls_remote", remote.url, ref, cwd=self._cache_dir)
+        found = {name.strip(): sha for sha, name in (line.split("\t", 1) for line in out.splitlines() if "\t" in line)}
+        sha = found.get(ref)
+        if sha is None:
+            raise Permanent(f"branch {branch} not found on {remote.url}")
+        return sha.strip().lower()
+
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
         """True when `ancestor` is reachable from `descendant`, fetching both into this URL's mirror."""
         remote = _remote(clone_url, auth)

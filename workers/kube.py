@@ -46,6 +46,7 @@ RBAC: frozenset[tuple[str, str, str]] = frozenset({
     (TEKTON, "pipelineruns", "list"),
     (TEKTON, "pipelineruns", "watch"),
     (TEKTON, "pipelineruns", "patch"),
+    (TEKTON, "pipelineruns", "delete"),
     (TEKTON, "taskruns", "list"),
     ("", "serviceaccounts", "get"),
     ("apps", "deployments", "get"),
@@ -164,6 +165,15 @@ class KubeCluster:
                 TEKTON, self._version, namespace, "pipelineruns", name, _plain(patch), field_manager=FIELD_MANAGER,
                 _content_type="application/merge-patch+json", _preload_content=False,
                 _request_timeout=self._timeout))
+
+    def delete_pipelinerun(self, *, namespace: str, name: str) -> None:
+        try:
+            with _boundary("delete", "pipelineruns", namespace):
+                self._custom.delete_namespaced_custom_object(
+                    TEKTON, self._version, namespace, "pipelineruns", name, propagation_policy="Background",
+                    _preload_content=False, _request_timeout=self._timeout)
+        except _NotFound:
+            return
 
     def list_taskruns(self, *, namespace: str, pipelinerun: str) -> list[Mapping[str, Any]]:
         with _boundary("list", "taskruns", namespace):

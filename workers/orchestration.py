@@ -17,11 +17,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker import metrics
 from broker import pipelinerun as pr
 from broker.delivery import log_entry
-from broker.errors import Permanent
+from broker.errors import Permanent, Transient
 from broker.events import RefKind
 from broker.logging import get_logger
+from broker.operations import duration, git_auth
 from broker.ports import Cluster, CommitResolver, CommitState, CommitStatus, GitHost, StatusAnswer
 from broker.reporting import RANK, describe, is_final, parse_state, run_state, should_report
 from broker.rollout import A_DEPLOYED_SHA, A_PREVIOUS_IMAGE, A_PREVIOUS_SHA, Rollout, container_image, rollout_status, set_image_patch
@@ -30,7 +32,6 @@ from config.routing import DeployTarget, Route
 from config.settings import Settings
 
 log = get_logger("cibroker.orchestration")
-GIT_USERNAMES = {"gitlab": "oauth2", "github": "x-access-token", "gitea": "cibroker"}
 CLAIM_TTL = 30 * 86400
 SA_CACHE_SECONDS = 60.0
 
@@ -112,11 +113,7 @@ class Orchestrator:
         raise Permanent(f"route {name!r} is no longer in the routing file")
 
     def git_auth(self, host_id: str) -> tuple[str, str] | None:
-        creds = self.settings.credentials.get(host_id)
-        host = self.settings.routing.hosts.get(host_id)
-        if creds is None or creds.token is None or host is None:
-            return None
-        return GIT_USERNAMES[host.kind], creds.token.get_secret_value()
+        return git_auth(self.settings, host_id)
 
     def _log(self, delivery_id: str, step: str, detail: str, **extra: Any) -> None:
         if delivery_id:
@@ -132,6 +129,7 @@ class Orchestrator:
         if record["decision"] != "accepted":
             return []
         names = []
+        attempt = int(record.get("attempt") or attempt)
         for route_name in record["routes"]:
             try:
                 names.append(self._start_route(record, self.route(route_name), attempt=attempt, token=token or uuid.uuid4().hex))
@@ -159,8 +157,11 @@ class Orchestrator:
         self._log(req.delivery_id, "pipelinerun_created" if created else "pipelinerun_exists",
                   f"PipelineRun {namespace}/{name} {'created' if created else 'already existed (same push delivered again)'} "
                   f"for route {route.name}, commit {sha[:8]}, image {ref.image}", run=f"{namespace}/{name}")
+        if created:
+            self.store.count(metrics.CREATED.name, metrics.CREATED.field((route.name, "rerun" if record.get("rerun_of") else "push")))
         self.report(ref, CommitState.PENDING, f"{route.pipeline}: queued", token=token)
-        if self._supersedes(route, kind):
+        if self._supersedes(route, kind) and not record.get("rerun_of"):
+            # A person's re-run neither cancels newer pushes nor is cancelled by older ones; a later push still supersedes it.
             self._supersede(route, req, namespace=namespace, name=name)
         return name
 
@@ -251,19 +252,32 @@ class Orchestrator:
         return template.format(namespace=ref.namespace, name=ref.name, pipeline=route.pipeline if route else "",
                                route=ref.route, repo=ref.repo, sha=ref.sha)
 
-    def report(self, ref: RunRef, state: CommitState, description: str, *, token: str, name: str | None = None) -> bool:
-        """Post `state` for the run's commit if it moves forward; True when this call reported it."""
+    def report(self, ref: RunRef, state: CommitState, description: str, *, token: str, name: str | None = None,
+               scope: str = "") -> bool:
+        """Post `state` for the run's commit if it moves forward; True when this call reported it.
+
+        `scope` separates claim histories that may legally start over (a person's re-deploy of a run).
+        """
         status_name = name or ref.status_name
-        if not self.store.claim_report(ref.key, status_name, state=state.value, rank=RANK[state], token=token, ttl=CLAIM_TTL):
+        if not self.store.claim_report(ref.key + scope, status_name, state=state.value, rank=RANK[state], token=token,
+                                       ttl=CLAIM_TTL):
             return False
         host = self.git_hosts.get(ref.host)
         if host is None:
             self._log(ref.delivery_id, "status_skipped", f"{status_name} {state}: no API token for host {ref.host}")
             return True
-        answer = host.set_status(CommitStatus(
-            repo=ref.repo, repo_id=ref.repo_id, sha=ref.sha, state=state, name=status_name, ref=ref.short_ref,
-            description=description, target_url=self.target_url(ref),
-        ))
+        try:
+            answer = host.set_status(CommitStatus(
+                repo=ref.repo, repo_id=ref.repo_id, sha=ref.sha, state=state, name=status_name, ref=ref.short_ref,
+                description=description, target_url=self.target_url(ref),
+            ))
+        except (Transient, Permanent) as exc:
+            outcome = "retry" if isinstance(exc, Transient) else "error"
+            self.store.count(metrics.STATUS_POSTS.name, metrics.STATUS_POSTS.field((ref.host, outcome)))
+            if isinstance(exc, Permanent):
+                self._log(ref.delivery_id, "status_failed", f"{status_name} {state} on {ref.sha[:8]}: the host refused: {exc}")
+            raise
+        self.store.count(metrics.STATUS_POSTS.name, metrics.STATUS_POSTS.field((ref.host, answer.value)))
         self._log(ref.delivery_id, "status_posted",
                   f"{status_name} {state} on {ref.sha[:8]}: {'posted' if answer is StatusAnswer.POSTED else 'host already had it'}"
                   f" ({description})", status=status_name, state=state.value, answer=answer.value)
@@ -279,7 +293,7 @@ class Orchestrator:
         route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
         pipeline = route.pipeline if route else ref.route
         taskruns = self.cluster.list_taskruns(namespace=ref.namespace, pipelinerun=ref.name) if state is CommitState.FAILED else []
-        self.report(ref, state, describe(obj, taskruns=taskruns, pipeline=pipeline), token=token)
+        reported_now = self.report(ref, state, describe(obj, taskruns=taskruns, pipeline=pipeline), token=token)
         claimed = parse_state(self.store.reported(ref.key).get(ref.status_name))
         if claimed is not state:
             return None  # a later state was reported meanwhile; its own report converges the annotation
@@ -287,7 +301,35 @@ class Orchestrator:
             self.on_success(obj)
         self.cluster.patch_pipelinerun(namespace=ref.namespace, name=ref.name,
                                        patch={"metadata": {"annotations": {pr.A_REPORTED: state.value}}})
+        if is_final(state) and reported_now:
+            self._count_final(ref, state, obj)
+            if route is not None and route.max_keep_runs is not None:
+                self.prune(route, namespace=ref.namespace)
         return state
+
+    def _count_final(self, ref: RunRef, state: CommitState, obj: Mapping[str, Any]) -> None:
+        status = obj.get("status") or {}
+        took = duration(status.get("startTime"), status.get("completionTime"), now=self.clock())
+        increments = [(metrics.RUNS.name, metrics.RUNS.field((ref.route, state.value)), 1.0)]
+        if took is not None and status.get("completionTime"):
+            increments += [(metrics.RUN_DURATION.name, field, by)
+                           for field, by in metrics.histogram_increments(metrics.RUN_DURATION, (ref.route,), took)]
+        self.store.count_many(increments)
+
+    def prune(self, route: Route, *, namespace: str) -> list[str]:
+        """Delete this route's finished PipelineRuns beyond its max_keep_runs, oldest first."""
+        assert route.max_keep_runs is not None
+        items, _ = self.cluster.list_pipelineruns(namespace=namespace, selector=f"{pr.SELECTOR},{pr.L_ROUTE}={route.name}")
+        finished = [o for o in items if is_final(run_state(o))]
+        finished.sort(key=lambda o: ((o.get("status") or {}).get("completionTime") or "", o["metadata"]["name"]), reverse=True)
+        pruned = []
+        for obj in finished[route.max_keep_runs:]:
+            name = obj["metadata"]["name"]
+            self.cluster.delete_pipelinerun(namespace=namespace, name=name)
+            pruned.append(name)
+        if pruned:
+            log.info("pipelineruns_pruned", route=route.name, namespace=namespace, pruned=len(pruned), kept=route.max_keep_runs)
+        return pruned
 
     # ---- deploy --------------------------------------------------------------------------
 
@@ -295,8 +337,13 @@ class Orchestrator:
         route = self.route(ref.route)
         return [d for d in route.deploy if d.environment in ref.deploy]
 
-    def deploy(self, ref: RunRef, environment: str, *, token: str) -> str | None:
-        """Roll the run's image out to `environment`; returns the deployment to watch, or None when done."""
+    def deploy(self, ref: RunRef, environment: str, *, token: str, attempt: int = 1, force: bool = False) -> str | None:
+        """Roll the run's image out to `environment`; returns the deployment to watch, or None when done.
+
+        `attempt` > 1 is a person's re-deploy (its statuses start a new history); `force` skips the
+        ancestry guard, because a person deploying an older build on purpose (a rollback) means it.
+        """
+        scope = deploy_scope(attempt)
         target = next((d for d in self.deploy_targets(ref) if d.environment == environment), None)
         if target is None:
             raise Permanent(f"route {ref.route} has no deploy to {environment!r} for {ref.ref}")
@@ -310,12 +357,17 @@ class Orchestrator:
         deployed = ((deployment.get("metadata") or {}).get("annotations") or {}).get(A_DEPLOYED_SHA, "")
         if current_image == ref.image:
             return target.deployment  # already patched (by us before a crash, or an earlier run): follow the rollout
-        if deployed and deployed != ref.sha and self._older_than_deployed(ref, deployed, environment):
+        if deployed and deployed != ref.sha and not force and self._older_than_deployed(ref, deployed, environment):
             reason = f"not deployed: {ref.sha[:8]} is older than {deployed[:8]}, which {environment} already runs"
-            self.report(ref, CommitState.CANCELED, reason, token=token, name=status)
+            self.report(ref, CommitState.CANCELED, reason, token=token, name=status, scope=scope)
             self._log(ref.delivery_id, "deploy_refused", reason)
+            self._count_deploy(environment, "refused")
             return None
-        self.report(ref, CommitState.RUNNING, f"rolling {target.deployment} out to {ref.sha[:8]}", token=token, name=status)
+        if force and deployed and deployed != ref.sha:
+            self._log(ref.delivery_id, "deploy_forced", f"{environment}: deploying {ref.sha[:8]} over {deployed[:8]} on request "
+                      "(the ancestry guard does not apply to a person's re-deploy)")
+        self.report(ref, CommitState.RUNNING, f"rolling {target.deployment} out to {ref.sha[:8]}", token=token, name=status,
+                    scope=scope)
         self.cluster.patch_deployment(namespace=target.namespace, name=target.deployment, patch=set_image_patch(
             container=target.container, image=ref.image,
             change_cause=f"cibroker: {ref.repo}@{ref.sha[:8]} ({ref.short_ref}) from PipelineRun {ref.key}",
@@ -335,8 +387,9 @@ class Orchestrator:
                       f"{environment}: cannot tell whether {ref.sha[:8]} is older than {deployed[:8]} ({exc}); deploying")
             return False
 
-    def check_rollout(self, ref: RunRef, environment: str, *, deadline: float, token: str) -> bool:
+    def check_rollout(self, ref: RunRef, environment: str, *, deadline: float, token: str, attempt: int = 1) -> bool:
         """True when the rollout is over (reported success, or failed and rolled back)."""
+        scope = deploy_scope(attempt)
         target = next(d for d in self.deploy_targets(ref) if d.environment == environment)
         status = f"deploy/{environment}"
         deployment = self.cluster.get_deployment(namespace=target.namespace, name=target.deployment)
@@ -344,7 +397,9 @@ class Orchestrator:
             raise Permanent(f"deployment {target.namespace}/{target.deployment} disappeared during the rollout")
         rollout = rollout_status(deployment)
         if rollout.state is Rollout.COMPLETE:
-            self.report(ref, CommitState.SUCCESS, f"{environment} runs {ref.sha[:8]}: {rollout.message}", token=token, name=status)
+            if self.report(ref, CommitState.SUCCESS, f"{environment} runs {ref.sha[:8]}: {rollout.message}", token=token,
+                           name=status, scope=scope):
+                self._count_deploy(environment, "success")
             self._log(ref.delivery_id, "deploy_succeeded", f"{environment}: {rollout.message}")
             return True
         if rollout.state is Rollout.PROGRESSING and self.clock() < deadline:
@@ -352,13 +407,24 @@ class Orchestrator:
         reason = rollout.message if rollout.state is not Rollout.PROGRESSING else f"rollout timed out: {rollout.message}"
         annotations = (deployment.get("metadata") or {}).get("annotations") or {}
         previous = annotations.get(A_PREVIOUS_IMAGE)
+        outcome = "failed"
         if previous and container_image(deployment, target.container) == ref.image:
+            outcome = "rolled_back"
             self.cluster.patch_deployment(namespace=target.namespace, name=target.deployment, patch=set_image_patch(
                 container=target.container, image=previous,
                 change_cause=f"cibroker: rolled back from {ref.sha[:8]}: {reason}"[:250],
                 annotations={A_DEPLOYED_SHA: annotations.get(A_PREVIOUS_SHA, ""), A_PREVIOUS_IMAGE: "", A_PREVIOUS_SHA: ""},
             ))
             reason = f"{reason}; rolled back to {previous}"
-        self.report(ref, CommitState.FAILED, f"{environment}: {reason}"[:250], token=token, name=status)
+        if self.report(ref, CommitState.FAILED, f"{environment}: {reason}"[:250], token=token, name=status, scope=scope):
+            self._count_deploy(environment, outcome)
         self._log(ref.delivery_id, "deploy_failed", f"{environment}: {reason}")
         return True
+
+    def _count_deploy(self, environment: str, outcome: str) -> None:
+        self.store.count(metrics.DEPLOYS.name, metrics.DEPLOYS.field((environment, outcome)))
+
+
+def deploy_scope(attempt: int) -> str:
+    """Claim scope of a deploy's statuses: the automatic deploy has none, a person's re-deploy N its own."""
+    return "" if attempt <= 1 else f"#deploy{attempt}"

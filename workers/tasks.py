@@ -15,22 +15,31 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import structlog
 from celery import Celery, Task
 
-from broker.delivery import PROCESS_TASK
+from broker.delivery import DEPLOY_TASK, PROCESS_TASK
+from broker.pipelinerun import snapshot
+from broker import metrics
 from broker.errors import Permanent, Transient
 from broker.logging import get_logger
 from broker.ports import CommitState
-from workers.orchestration import Orchestrator, RunRef
+from workers.orchestration import Orchestrator, RunRef, deploy_scope
 
 log = get_logger("cibroker.worker")
 REPORT_TASK = "cibroker.report_run"
-DEPLOY_TASK = "cibroker.deploy"
 ROLLOUT_TASK = "cibroker.check_rollout"
 MAX_RETRIES = 40
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 ROLLOUT_POLL_SECONDS = 2.0
+
+
+@contextmanager
+def bound(**context: Any) -> Iterator[None]:
+    """Bind delivery id / run to every log line of one task (structlog contextvars)."""
+    with structlog.contextvars.bound_contextvars(**context):
+        yield
 
 
 def backoff(retries: int) -> float:
@@ -39,24 +48,18 @@ def backoff(retries: int) -> float:
 
 
 @contextmanager
-def retrying(task: Task, what: str) -> Iterator[None]:
+def retrying(task: Task, what: str, count: Callable[[list[tuple[str, str, float]]], None] | None = None) -> Iterator[None]:
     try:
         yield
     except Transient as exc:
         countdown = exc.retry_after if exc.retry_after is not None else backoff(task.request.retries)
+        if exc.retry_after is not None and count is not None:
+            short = task.name.removeprefix("cibroker.")
+            count([(metrics.RATE_LIMIT_WAITS.name, metrics.RATE_LIMIT_WAITS.field((short,)), 1.0),
+                   (metrics.RATE_LIMIT_SECONDS.name, metrics.RATE_LIMIT_SECONDS.field((short,)), float(exc.retry_after))])
         log.info("task_retry", task=task.name, what=what, error=str(exc), countdown=round(countdown, 2),
                  retries=task.request.retries)
         raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from None
-
-
-def snapshot(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a PipelineRun the tasks need (metadata, spec.status, status.conditions)."""
-    meta = obj.get("metadata") or {}
-    return {
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations")},
-        "spec": {"status": (obj.get("spec") or {}).get("status")},
-        "status": {"conditions": (obj.get("status") or {}).get("conditions") or []},
-    }
 
 
 def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callable[[Mapping[str, Any]], None]:
@@ -66,53 +69,62 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
     """
     common: dict[str, Any] = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "shared": False}
 
+    def count(increments: list[tuple[str, str, float]]) -> None:
+        try:
+            orchestrator().store.count_many(increments)
+        except Transient:  # a metric is not worth failing or delaying the task for
+            pass
+
     @app.task(name=PROCESS_TASK, **common)
     def process_delivery(self: Task, delivery_id: str, attempt: int = 1) -> list[str]:
-        with retrying(self, f"delivery {delivery_id}"):
+        with bound(delivery_id=delivery_id, task="process_delivery"), retrying(self, f"delivery {delivery_id}", count):
             return orchestrator().start(delivery_id, attempt=attempt, token=self.request.id)
 
     @app.task(name=REPORT_TASK, **common)
     def report_run(self: Task, obj: dict[str, Any]) -> str | None:
         ref = RunRef.of(obj)
-        with retrying(self, f"report {ref.key}"):
+        with bound(delivery_id=ref.delivery_id, run=ref.key, task="report_run"), retrying(self, f"report {ref.key}", count):
             try:
                 state = orchestrator().observe(obj, token=self.request.id)
             except Permanent as exc:
-                log.warning("report_failed", run=ref.key, error=str(exc))
+                log.warning("report_failed", error=str(exc))
                 return None
         return state.value if state else None
 
     @app.task(name=DEPLOY_TASK, **common)
-    def deploy(self: Task, obj: dict[str, Any], environment: str) -> None:
+    def deploy(self: Task, obj: dict[str, Any], environment: str, attempt: int = 1, force: bool = False) -> None:
         ref = RunRef.of(obj)
         orch = orchestrator()
-        if not orch.store.claim_once(f"deploy:{ref.key}:{environment}", token=self.request.id, ttl=30 * 86400):
-            log.info("deploy_already_claimed", run=ref.key, environment=environment)
-            return
-        with retrying(self, f"deploy {ref.key} to {environment}"):
-            try:
-                watching = orch.deploy(ref, environment, token=self.request.id)
-            except Permanent as exc:
-                orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id,
-                            name=f"deploy/{environment}")
+        scope = deploy_scope(attempt)
+        with bound(delivery_id=ref.delivery_id, run=ref.key, environment=environment, task="deploy"):
+            if not orch.store.claim_once(f"deploy:{ref.key}:{environment}{scope}", token=self.request.id, ttl=30 * 86400):
+                log.info("deploy_already_claimed")
                 return
-        if watching is not None:
-            deadline = time.time() + orch.settings.routing.defaults.rollout_timeout_seconds
-            check_rollout.apply_async(args=[obj, environment, deadline], countdown=ROLLOUT_POLL_SECONDS)
+            with retrying(self, f"deploy {ref.key} to {environment}", count):
+                try:
+                    watching = orch.deploy(ref, environment, token=self.request.id, attempt=attempt, force=force)
+                except Permanent as exc:
+                    orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id,
+                                name=f"deploy/{environment}", scope=scope)
+                    return
+            if watching is not None:
+                deadline = time.time() + orch.settings.routing.defaults.rollout_timeout_seconds
+                check_rollout.apply_async(args=[obj, environment, deadline, attempt], countdown=ROLLOUT_POLL_SECONDS)
 
     @app.task(name=ROLLOUT_TASK, **common)
-    def check_rollout(self: Task, obj: dict[str, Any], environment: str, deadline: float) -> None:
+    def check_rollout(self: Task, obj: dict[str, Any], environment: str, deadline: float, attempt: int = 1) -> None:
         ref = RunRef.of(obj)
         orch = orchestrator()
-        with retrying(self, f"rollout of {ref.key} to {environment}"):
-            try:
-                done = orch.check_rollout(ref, environment, deadline=deadline, token=self.request.id)
-            except Permanent as exc:
-                orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id,
-                            name=f"deploy/{environment}")
-                return
-        if not done:
-            raise self.retry(countdown=ROLLOUT_POLL_SECONDS, max_retries=None)
+        with bound(delivery_id=ref.delivery_id, run=ref.key, environment=environment, task="check_rollout"):
+            with retrying(self, f"rollout of {ref.key} to {environment}", count):
+                try:
+                    done = orch.check_rollout(ref, environment, deadline=deadline, token=self.request.id, attempt=attempt)
+                except Permanent as exc:
+                    orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id,
+                                name=f"deploy/{environment}", scope=deploy_scope(attempt))
+                    return
+            if not done:
+                raise self.retry(countdown=ROLLOUT_POLL_SECONDS, max_retries=None)
 
     def enqueue_deploys(obj: Mapping[str, Any]) -> None:
         for environment in RunRef.of(obj).deploy:

@@ -65,6 +65,10 @@ class FakeCluster:
         _merge(obj, patch)
         return obj
 
+    def delete_pipelinerun(self, *, namespace: str, name: str) -> None:
+        self.calls.append(("delete_pipelinerun", name))
+        self.runs.pop((namespace, name), None)
+
     def service_account_exists(self, *, namespace: str, name: str) -> bool:
         self.calls.append(("service_account_exists", name))
         return (namespace, name) in self.service_accounts
@@ -116,7 +120,13 @@ class FakeGitHost:
 @dataclass
 class FakeResolver:
     tags: dict[str, str] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)
     ancestry: set[tuple[str, str]] = field(default_factory=set)
+
+    def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
+        if branch not in self.branches:
+            raise Permanent(f"branch {branch} not found on {clone_url}")
+        return self.branches[branch]
 
     def resolve_tag(self, *, clone_url: str, tag: str, auth: tuple[str, str] | None) -> str:
         if tag not in self.tags:

@@ -1,0 +1,321 @@
+"""The HTTP API for on-call work: deliveries, runs, re-run, cancel, audit, OpenAPI.
+
+Thin: every handler authenticates the bearer token, calls `broker.operations` (the
+same service the CLI runs locally) in a worker thread, and maps the service's errors
+to HTTP answers. Tokens come from CIBROKER_API_TOKENS (`name=token` entries name the
+actor the audit log records). `/openapi.json` describes this API and the webhook edge.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broker.errors import Permanent, Transient
+from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
+
+DELIVERY_ID = re.compile(r"^[0-9a-f]{26}$")
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+ACTOR = re.compile(r"[^A-Za-z0-9_.@ -]")
+STATES = ("pending", "running", "success", "failed", "canceled")
+
+
+def json_answer(status: int, payload: Any) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+@dataclass
+class ApiAuth:
+    """Bearer tokens, compared in constant time; open only on the embedded defaults with no token set."""
+
+    tokens: tuple[tuple[str, str], ...]
+    open_without_tokens: bool
+    _encoded: tuple[tuple[str, bytes], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._encoded = tuple((name, token.encode()) for name, token in self.tokens)
+
+    def check(self, presented: str | None) -> str | Response:
+        """The token's name, or the 401/403 answer to give."""
+        if not self._encoded:
+            if self.open_without_tokens:
+                return "local"
+            return json_answer(401, {"error": "the API needs a bearer token; set CIBROKER_API_TOKENS on the server"})
+        if not presented:
+            return json_answer(401, {"error": "missing Authorization: Bearer <token>"})
+        found = None
+        candidate = presented.strip().encode()
+        for name, known in self._encoded:  # compare with every token, so timing says nothing about which matched
+            if hmac.compare_digest(candidate, known):
+                found = name
+        return found if found is not None else json_answer(403, {"error": "invalid API token"})
+
+    def bearer(self, request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return token if scheme.lower() == "bearer" and token else None
+
+    def actor(self, request: Request, *, channel: str, token: str | None = None) -> Actor | Response:
+        name = self.check(token if token is not None else self.bearer(request))
+        if isinstance(name, Response):
+            return name
+        # The CLI says which person is behind a shared token; recorded as said, next to the token's name.
+        said = ACTOR.sub("", request.headers.get("x-cibroker-actor", ""))[:64].strip()
+        return Actor(who=f"{said} (token {name})" if said else name, channel=channel)
+
+
+async def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Response:
+    """Run a service call off the event loop; map its errors to answers a person can act on."""
+    try:
+        return json_answer(200, await run_in_threadpool(fn, *args, **kwargs))
+    except NotFound as exc:
+        return json_answer(404, {"error": str(exc)})
+    except Refused as exc:
+        return json_answer(409, {"error": str(exc)})
+    except NoCluster as exc:
+        return json_answer(503, {"error": str(exc)})
+    except Permanent as exc:
+        return json_answer(400, {"error": str(exc)})
+    except Transient as exc:
+        return json_answer(503, {"error": f"try again shortly: {exc}"})
+
+
+def _limit(request: Request, default: int = 50) -> int | Response:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        return json_answer(400, {"error": "limit must be a whole number from 1 to 1000"})
+    return int(raw)
+
+
+async def _body(request: Request) -> dict[str, Any] | Response:
+    raw = await request.body()
+    if not raw:
+        return {}
+    if len(raw) > 64 * 1024:
+        return json_answer(413, {"error": "request body larger than 64 KiB"})
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json_answer(400, {"error": "body is not valid JSON"})
+    if not isinstance(body, dict):
+        return json_answer(400, {"error": "body must be a JSON object"})
+    return body
+
+
+def _text(body: dict[str, Any], key: str, *, limit: int = 500) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise Permanent(f"{key} must be a string of at most {limit} characters")
+    return value
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise Permanent(f"{key} must be true or false")
+    return value
+
+
+def _run_key(request: Request) -> str | Response:
+    namespace = request.path_params.get("namespace", "")
+    name = request.path_params["name"]
+    if not NAME.match(name) or (namespace and not NAME.match(namespace)):
+        return json_answer(404, {"error": "no such run (names are DNS-1123 labels)"})
+    return f"{namespace}/{name}" if namespace else name
+
+
+def api_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
+    """The /api/* routes. `ops` returns the service (built when the app starts)."""
+
+    def guarded(handler: Callable[[Request, Actor], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            actor = auth.actor(request, channel="api")
+            if isinstance(actor, Response):
+                return actor
+            return await handler(request, actor)
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    @guarded
+    async def list_deliveries(request: Request, actor: Actor) -> Response:
+        limit = _limit(request)
+        if isinstance(limit, Response):
+            return limit
+        return await call(ops().deliveries, limit=limit, repo=request.query_params.get("repo") or None,
+                          state=request.query_params.get("state") or None)
+
+    @guarded
+    async def get_delivery(request: Request, actor: Actor) -> Response:
+        delivery_id = request.path_params["delivery_id"]
+        if not DELIVERY_ID.match(delivery_id):
+            return json_answer(404, {"error": "no such delivery (ids are 26 lower-case hex characters)"})
+        return await call(ops().delivery, delivery_id)
+
+    @guarded
+    async def list_runs(request: Request, actor: Actor) -> Response:
+        limit = _limit(request)
+        if isinstance(limit, Response):
+            return limit
+        state = request.query_params.get("state") or None
+        if state is not None and state not in STATES:
+            return json_answer(400, {"error": f"state must be one of {', '.join(STATES)}"})
+        return await call(ops().runs, repo=request.query_params.get("repo") or None, state=state,
+                          route=request.query_params.get("route") or None, limit=limit)
+
+    @guarded
+    async def get_run(request: Request, actor: Actor) -> Response:
+        key = _run_key(request)
+        return key if isinstance(key, Response) else await call(ops().run, key)
+
+    @guarded
+    async def rerun_run(request: Request, actor: Actor) -> Response:
+        key = _run_key(request)
+        body = await _body(request)
+        if isinstance(key, Response) or isinstance(body, Response):
+            return key if isinstance(key, Response) else body  # type: ignore[return-value]
+        try:
+            options = {"reason": _text(body, "reason") or "", "deploy_only": _flag(body, "deploy_only"),
+                       "dry_run": _flag(body, "dry_run"), "route": _text(body, "route", limit=63)}
+        except Permanent as exc:
+            return json_answer(400, {"error": str(exc)})
+        return await call(ops().rerun, actor=actor, run=key, **options)
+
+    @guarded
+    async def rerun(request: Request, actor: Actor) -> Response:
+        body = await _body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            options = {key: _text(body, key, limit=255) for key in ("delivery_id", "repo", "sha", "ref", "route", "run")}
+            options.update(reason=_text(body, "reason") or "", deploy_only=_flag(body, "deploy_only"), dry_run=_flag(body, "dry_run"))
+        except Permanent as exc:
+            return json_answer(400, {"error": str(exc)})
+        if options["delivery_id"] is not None and not DELIVERY_ID.match(options["delivery_id"]):
+            return json_answer(404, {"error": "no such delivery (ids are 26 lower-case hex characters)"})
+        return await call(ops().rerun, actor=actor, **options)
+
+    @guarded
+    async def cancel_run(request: Request, actor: Actor) -> Response:
+        key = _run_key(request)
+        body = await _body(request)
+        if isinstance(key, Response) or isinstance(body, Response):
+            return key if isinstance(key, Response) else body  # type: ignore[return-value]
+        try:
+            reason = _text(body, "reason") or ""
+        except Permanent as exc:
+            return json_answer(400, {"error": str(exc)})
+        return await call(ops().cancel, key, actor=actor, reason=reason)
+
+    @guarded
+    async def audit(request: Request, actor: Actor) -> Response:
+        limit = _limit(request, 100)
+        return limit if isinstance(limit, Response) else await call(ops().audit_log, limit=limit)
+
+    return [
+        Route("/api/deliveries", list_deliveries, methods=["GET"]),
+        Route("/api/deliveries/{delivery_id}", get_delivery, methods=["GET"]),
+        Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/runs/{name}", get_run, methods=["GET"]),
+        Route("/api/runs/{namespace}/{name}", get_run, methods=["GET"]),
+        Route("/api/runs/{name}/rerun", rerun_run, methods=["POST"]),
+        Route("/api/runs/{namespace}/{name}/rerun", rerun_run, methods=["POST"]),
+        Route("/api/runs/{name}/cancel", cancel_run, methods=["POST"]),
+        Route("/api/runs/{namespace}/{name}/cancel", cancel_run, methods=["POST"]),
+        Route("/api/rerun", rerun, methods=["POST"]),
+        Route("/api/audit", audit, methods=["GET"]),
+    ]
+
+
+def _op(summary: str, *, params: list[dict[str, Any]] = (), body: dict[str, Any] | None = None,  # type: ignore[assignment]
+        answers: dict[str, str], auth: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "parameters": list(params),
+                          "responses": {code: {"description": text, "content": {"application/json": {"schema": {"type": "object"}}}}
+                                        for code, text in answers.items()}}
+    if body is not None:
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
+    if not auth:
+        op["security"] = []
+    return op
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+AUTH_ANSWERS = {"401": "no bearer token", "403": "wrong token"}
+RUN_ANSWERS = {**AUTH_ANSWERS, "404": "no such run", "503": "no cluster configured, or Kubernetes/Redis unavailable"}
+RERUN_BODY = {"type": "object", "additionalProperties": False, "properties": {
+    "reason": {"type": "string", "maxLength": 500}, "deploy_only": {"type": "boolean"}, "dry_run": {"type": "boolean"},
+    "route": {"type": "string", "maxLength": 63}}}
+
+
+def openapi(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the webhook edge and the on-call API."""
+    run_params = [_path("namespace"), _path("name")]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cibroker", "version": version,
+                 "description": "Git webhooks in, Tekton PipelineRuns out. /hooks/* authenticate with the Git host's "
+                                "webhook secret or signature; /api/* with a bearer token from CIBROKER_API_TOKENS."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/hooks/{host_id}": {"post": _op(
+                "Receive a Git host webhook (GitLab, GitHub, Gitea push and tag push)", auth=False,
+                params=[_path("host_id")], body={"type": "object"},
+                answers={"200": "ignored (with a reason) or duplicate", "202": "accepted and queued", "400": "unparseable body",
+                         "401": "missing credentials", "403": "wrong secret or signature", "404": "no such host",
+                         "408": "body too slow", "413": "body too large", "415": "unsupported content type",
+                         "503": "cannot store right now; resend later"})},
+            "/api/deliveries": {"get": _op("Recent deliveries, newest first", params=[
+                _query("repo", {"type": "string"}), _query("state", {"type": "string"}),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})],
+                answers={"200": "a list of delivery records", "400": "bad limit", **AUTH_ANSWERS})},
+            "/api/deliveries/{delivery_id}": {"get": _op("A delivery's record, decision log and PipelineRuns",
+                                                         params=[_path("delivery_id")],
+                                                         answers={"200": "the delivery", "404": "unknown or expired", **AUTH_ANSWERS})},
+            "/api/runs": {"get": _op("Managed PipelineRuns, newest first", params=[
+                _query("repo", {"type": "string"}), _query("state", {"type": "string", "enum": list(STATES)}),
+                _query("route", {"type": "string"}), _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})],
+                answers={"200": "a list of runs", "400": "bad filter", **RUN_ANSWERS})},
+            "/api/runs/{namespace}/{name}": {"get": _op("A run with its TaskRuns, failing task and log commands",
+                                                        params=run_params, answers={"200": "the run", **RUN_ANSWERS})},
+            "/api/runs/{namespace}/{name}/rerun": {"post": _op(
+                "Re-run a run's commit and route (a new PipelineRun), or only its deploy stage", params=run_params, body=RERUN_BODY,
+                answers={"200": "what was queued (or, with dry_run, would be)", "400": "bad body", "409": "nothing to re-run",
+                         **RUN_ANSWERS})},
+            "/api/runs/{namespace}/{name}/cancel": {"post": _op(
+                "Cancel a run in progress", params=run_params,
+                body={"type": "object", "properties": {"reason": {"type": "string", "maxLength": 500}}},
+                answers={"200": "cancelled", "409": "the run already ended", **RUN_ANSWERS})},
+            "/api/rerun": {"post": _op(
+                "Re-run by delivery, by commit (repo + sha) or by the head of a ref (repo + ref)",
+                body={"type": "object", "properties": {
+                    **RERUN_BODY["properties"], "delivery_id": {"type": "string"}, "run": {"type": "string"},
+                    "repo": {"type": "string"}, "sha": {"type": "string"}, "ref": {"type": "string"}}},
+                answers={"200": "what was queued", "400": "bad or incomplete body", "404": "nothing found to re-run",
+                         "409": "nothing to re-run", **RUN_ANSWERS})},
+            "/api/audit": {"get": _op("Who did what, when and why", params=[_query("limit", {"type": "integer"})],
+                                      answers={"200": "audit entries, newest first", **AUTH_ANSWERS})},
+            "/healthz": {"get": _op("The process is up", auth=False, answers={"200": "ok"})},
+            "/readyz": {"get": _op("Redis reachable and configuration loaded", auth=False,
+                                   answers={"200": "ready", "503": "Redis unavailable"})},
+            "/metrics": {"get": _op("Prometheus metrics", auth=False, answers={"200": "text exposition format"})},
+        },
+    }
+
