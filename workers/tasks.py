@@ -124,7 +124,10 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
                                 name=f"deploy/{environment}", scope=deploy_scope(attempt))
                     return
             if not done:
-                raise self.retry(countdown=ROLLOUT_POLL_SECONDS, max_retries=None)
+                # Celery reads max_retries=None as "the task's default (3)", which would drop a rollout that takes
+                # longer than a few polls; the deadline (checked in check_rollout) is what ends the wait.
+                polls_left = int(max(0.0, deadline - time.time()) / ROLLOUT_POLL_SECONDS) + 10
+                raise self.retry(countdown=ROLLOUT_POLL_SECONDS, max_retries=self.request.retries + polls_left)
 
     def enqueue_deploys(obj: Mapping[str, Any]) -> None:
         for environment in RunRef.of(obj).deploy:

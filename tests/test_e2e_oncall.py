@@ -1,0 +1,123 @@
+"""End to end, the on-call surface: re-run and cancel from the CLI (local and --server) and the
+API, the decision log, the audit log and /metrics, against the real serve/worker/watcher
+processes, the fake Kubernetes API (Tekton and rollout simulators) and the fake GitLab.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.kube_api import FakeKubeAPI
+from tests.fakes.rollout import RolloutSimulator
+from tests.fakes.tekton import TektonSimulator
+from tests.test_e2e import CIBROKER
+from tests.test_e2e_orchestration import SHA1, STATUS, Stack, fake_gitlab_api, kube, stack  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(stack: Stack, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CIBROKER, *args], env=stack.env, cwd=stack.tmp_path, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def api(stack: Stack, method: str, path: str, token: str | None = "t", **kw: Any) -> httpx.Response:
+    headers = {"X-Cibroker-Actor": "alice"} | ({"Authorization": f"Bearer {token}"} if token is not None else {})
+    return httpx.request(method, f"{stack.url}{path}", headers=headers, timeout=10, **kw)
+
+
+def test_rerun_from_the_cli_builds_again_follows_to_the_end_and_is_audited(stack: Stack, kube: FakeKubeAPI) -> None:
+    with TektonSimulator(kube, auto_start=0.3, auto_finish=1.0), RolloutSimulator(kube):
+        delivery = stack.push("one")
+        stack.wait("deploy/staging success", lambda: stack.gitlab.states(SHA1, "deploy/staging")[-1:] == ["success"])
+        [run] = stack.runs()
+        first = f"ci/{run['metadata']['name']}"
+        done = cli(stack, "rerun", "--run", first, "--reason", "flaky integration test", "--follow", "--config", str(stack.config))
+        assert done.returncode == 0, done.stdout + done.stderr + stack.logs()
+    names = sorted(r["metadata"]["name"] for r in stack.runs())
+    assert len(names) == 2
+    second = next(r for r in stack.runs() if f"ci/{r['metadata']['name']}" != first)
+    assert second["metadata"]["annotations"]["cibroker.dev/attempt"] == "2"
+    # GitLab shows the second build as a new status after the first one ended: nothing posted out of order.
+    assert stack.gitlab.states(SHA1, STATUS) == ["pending", "running", "success", "pending", "running", "success"]
+    assert "queued a re-run of PipelineRun" in done.stdout and "pipelinerun_created" in done.stdout
+    new_delivery = second["metadata"]["labels"]["cibroker.dev/delivery"]
+    shown = cli(stack, "deliveries", "show", new_delivery, "--config", str(stack.config))
+    assert shown.returncode == 0, shown.stderr
+    assert "rerun_requested" in shown.stdout and "flaky integration test" in shown.stdout
+    assert f"ci/{second['metadata']['name']}  success" in shown.stdout
+    original = stack.delivery(delivery)
+    assert any(e["step"] == "rerun_requested" and new_delivery in e["detail"] for e in original["log"])
+    audit = cli(stack, "audit", "--json", "--config", str(stack.config))
+    [entry] = json.loads(audit.stdout)
+    assert entry["action"] == "rerun" and entry["reason"] == "flaky integration test" and entry["channel"] == "cli"
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'cibroker_webhooks_total{decision="accepted",event="Push Hook",host="gitlab"} 1.0' in metrics
+    assert 'cibroker_runs_total{outcome="success",route="shop-api"} 2.0' in metrics
+    assert 'cibroker_pipelineruns_created_total{route="shop-api",trigger="rerun"} 1.0' in metrics
+    assert 'cibroker_deploys_total{environment="staging",outcome="success"} 2.0' in metrics
+    assert 'cibroker_status_posts_total{host="gitlab",outcome="posted"}' in metrics
+    assert 'cibroker_actions_total{action="rerun",channel="cli"} 1.0' in metrics
+    assert "cibroker_queue_depth 0.0" in metrics
+
+
+def test_cancel_through_the_api_reports_canceled_with_who_and_why(stack: Stack, kube: FakeKubeAPI) -> None:
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=300):
+        stack.push("c")
+        stack.wait("running", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["running"])
+        [run] = stack.runs()
+        path = f"/api/runs/ci/{run['metadata']['name']}/cancel"
+        assert api(stack, "POST", path, token="wrong", json={"reason": "x"}).status_code == 403
+        assert api(stack, "POST", path, token=None, json={"reason": "x"}).status_code == 401
+        answer = api(stack, "POST", path, json={"reason": "deploy freeze"})
+        assert answer.status_code == 200, answer.text
+        stack.wait("canceled", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["canceled"])
+    assert stack.gitlab.states(SHA1, STATUS) == ["pending", "running", "canceled"]
+    last = [c for c in stack.gitlab.calls if c.method == "POST"][-1]
+    assert last.body["description"] == "build-test-push: canceled by alice (token token1): deploy freeze"
+    again = api(stack, "POST", path, json={})
+    assert again.status_code == 409 and "already ended" in again.json()["error"]
+    [entry] = api(stack, "GET", "/api/audit").json()
+    assert (entry["who"], entry["channel"], entry["action"]) == ("alice (token token1)", "api", "cancel")
+
+
+def test_the_remote_cli_talks_to_the_api_with_the_same_answers(stack: Stack, kube: FakeKubeAPI) -> None:
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=0.5):
+        stack.push("r")
+        stack.wait("success", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["success"])
+    local = json.loads(cli(stack, "runs", "list", "--json", "--config", str(stack.config)).stdout)
+    remote = json.loads(cli(stack, "runs", "list", "--json", "--server", stack.url, "--token", "t").stdout)
+    assert [r["run"] for r in local] == [r["run"] for r in remote] and len(remote) == 1
+    assert remote[0]["state"] == "success"
+    shown = cli(stack, "runs", "show", remote[0]["run"], "--server", stack.url, "--token", "t")
+    assert shown.returncode == 0 and "tkn pipelinerun logs" in shown.stdout
+    dry = cli(stack, "rerun", "--run", remote[0]["run"], "--dry-run", "--server", stack.url, "--token", "t")
+    assert dry.returncode == 0 and "would queue" in dry.stdout and len(stack.runs()) == 1
+    refused = cli(stack, "cancel", remote[0]["run"], "--server", stack.url, "--token", "t")
+    assert refused.returncode == 1 and "already ended" in refused.stderr and "Traceback" not in refused.stderr
+    denied = cli(stack, "runs", "list", "--server", stack.url, "--token", "nope")
+    assert denied.returncode == 2 and "invalid API token" in denied.stderr
+    missing = cli(stack, "runs", "show", "ci/nope", "--server", stack.url, "--token", "t")
+    assert missing.returncode == 1 and "no PipelineRun 'nope'" in missing.stderr
+
+
+def test_openapi_describes_the_api_and_the_edge(stack: Stack) -> None:
+    spec = httpx.get(f"{stack.url}/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/hooks/{host_id}", "/api/deliveries", "/api/runs", "/api/runs/{namespace}/{name}/rerun",
+                 "/api/runs/{namespace}/{name}/cancel", "/api/audit", "/metrics"):
+        assert path in spec["paths"], path
+
+
+def test_a_rollout_slower_than_a_few_polls_is_still_followed_to_success(stack: Stack, kube: FakeKubeAPI) -> None:
+    """Regression: Celery read max_retries=None as 3, so a rollout taking over ~8 s was dropped, stuck at running."""
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=0.3), RolloutSimulator(kube, step_seconds=10):
+        stack.push("slow")
+        stack.wait("deploy/staging success", lambda: stack.gitlab.states(SHA1, "deploy/staging")[-1:] == ["success"],
+                   timeout=60)
+    assert stack.gitlab.states(SHA1, "deploy/staging") == ["running", "success"]

@@ -1,0 +1,240 @@
+"""On-call operations (broker.operations) over recording port fakes and the real Redis store.
+
+A re-run must go through the same task a webhook queues; these tests take the queued
+Celery message off the real Redis list and hand it to the real orchestrator.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from broker import pipelinerun as pr
+from broker.delivery import DEPLOY_TASK, PROCESS_TASK
+from broker.errors import Permanent
+from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
+from broker.ports import CommitState
+from tests.support import FIXTURES, make_settings
+from tests.test_orchestration import SHA1, SHA2, World
+
+ALICE = Actor(who="alice@laptop", channel="cli")
+
+
+class OpsWorld(World):
+    def __init__(self, settings: Any, redis_url: str) -> None:
+        super().__init__(settings, redis_url)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.ops = Operations(settings=settings, store=self.orch.store, cluster=self.cluster, resolver=self.resolver)
+
+    def built(self, key: str = "a", **kw: Any) -> tuple[str, str]:
+        """A push that was accepted and whose run was created; returns (delivery id, run key)."""
+        delivery = self.push(key, **kw)
+        self.take_tasks()
+        [name] = self.orch.start(delivery, token=f"t-{key}")
+        return delivery, f"ci/{name}"
+
+    def take_tasks(self) -> list[tuple[str, list[Any]]]:
+        """Pop every queued Celery message: (task name, args)."""
+        out = []
+        while (raw := self.redis.rpop(self.settings.env.queue)) is not None:
+            message = json.loads(raw)
+            args, _, _ = json.loads(base64.b64decode(message["body"]))
+            out.append((message["headers"]["task"], args))
+        return out
+
+    def finish(self, run: str, status: str = "True", reason: str = "Succeeded") -> dict[str, Any]:
+        namespace, name = run.split("/")
+        return self.cluster.set_condition(namespace, name, status, reason)
+
+
+@pytest.fixture
+def world(tmp_path: Path, redis_url: str) -> OpsWorld:
+    routing = (FIXTURES / "routing" / "example.yaml").read_text()
+    w = OpsWorld(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), redis_url)
+    yield w
+    w.close()
+
+
+def test_rerun_of_a_delivery_queues_the_same_task_with_the_next_attempt(world: OpsWorld) -> None:
+    delivery, first_run = world.built()
+    plan = world.ops.rerun(actor=ALICE, delivery_id=delivery, reason="flaky test")
+    [(task, args)] = world.take_tasks()
+    assert (task, args) == (PROCESS_TASK, [plan["delivery_id"], 2])
+    [name] = world.orch.start(args[0], attempt=args[1], token="w")
+    assert f"ci/{name}" == plan["runs"][0] != first_run
+    run = world.cluster.runs[("ci", name)]
+    assert run["metadata"]["annotations"][pr.A_ATTEMPT] == "2"
+    assert run["metadata"]["labels"][pr.L_DELIVERY] == plan["delivery_id"]
+    record = world.ops.delivery(plan["delivery_id"])
+    assert record["reason"] == f"re-run of delivery {delivery} requested by alice@laptop via cli: flaky test"
+    assert [e["step"] for e in record["log"]][:3] == ["rerun_requested", "matched", "queued"]
+    assert "re-run as delivery" in world.ops.delivery(delivery)["log"][-1]["detail"]
+    assert world.ops.rerun(actor=ALICE, delivery_id=delivery)["attempt"] == 3
+
+
+def test_a_rerun_neither_supersedes_nor_is_superseded(world: OpsWorld) -> None:
+    """Re-running an older commit while a newer push builds must not cancel the newer run."""
+    old_delivery, old_run = world.built("old", sha=SHA1)
+    world.finish(old_run)
+    _, new_run = world.built("new", sha=SHA2, before=SHA1)
+    plan = world.ops.rerun(actor=ALICE, delivery_id=old_delivery)
+    [(_, args)] = world.take_tasks()
+    world.orch.start(args[0], attempt=args[1], token="w")
+    namespace, name = new_run.split("/")
+    assert not world.cluster.runs[(namespace, name)].get("spec", {}).get("status")
+    namespace, name = plan["runs"][0].split("/")
+    assert not world.cluster.runs[(namespace, name)].get("spec", {}).get("status")
+
+
+def test_dry_run_renders_the_pipelinerun_and_changes_nothing(world: OpsWorld) -> None:
+    delivery, _ = world.built()
+    plan = world.ops.rerun(actor=ALICE, delivery_id=delivery, dry_run=True)
+    assert plan["dry_run"] and plan["delivery_id"] is None and plan["attempt"] == 2
+    assert plan["pipelineruns"][0]["metadata"]["annotations"][pr.A_ATTEMPT] == "2"
+    assert world.take_tasks() == [] and world.ops.audit_log() == []
+    assert world.ops.rerun(actor=ALICE, delivery_id=delivery)["attempt"] == 2  # the dry run took no number
+
+
+def test_rerun_by_run_by_commit_and_by_ref_head(world: OpsWorld) -> None:
+    _, run = world.built()
+    by_run = world.ops.rerun(actor=ALICE, run=run)
+    by_sha = world.ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA1)
+    assert by_run["sha"] == by_sha["sha"] == SHA1 and (by_run["attempt"], by_sha["attempt"]) == (2, 3)
+    world.resolver.branches["main"] = SHA2
+    by_ref = world.ops.rerun(actor=ALICE, repo="acme/shop-api", ref="main")
+    assert by_ref["sha"] == SHA2 and by_ref["ref"] == "refs/heads/main" and by_ref["attempt"] == 2
+    assert "git ls-remote" in by_ref["of"]
+    tasks = world.take_tasks()
+    assert [t for t, _ in tasks] == [PROCESS_TASK] * 3
+    created = [world.orch.start(args[0], attempt=args[1], token=f"w{i}") for i, (_, args) in enumerate(tasks)]
+    assert len({name for names in created for name in names}) == 3
+    assert [e["action"] for e in world.ops.audit_log()] == ["rerun"] * 3
+
+
+def test_rerun_of_something_unknown_or_ignored_says_why(world: OpsWorld) -> None:
+    with pytest.raises(NotFound, match="no delivery"):
+        world.ops.rerun(actor=ALICE, delivery_id="0" * 26)
+    with pytest.raises(NotFound, match="no run or delivery of acme/shop-api"):
+        world.ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA2)
+    with pytest.raises(NotFound, match="no route builds"):
+        world.ops.rerun(actor=ALICE, repo="acme/other", ref="main")
+    with pytest.raises(Permanent, match="say what to re-run"):
+        world.ops.rerun(actor=ALICE)
+    ignored = world.client.post("/hooks/gitlab", headers={"X-Gitlab-Event": "Note Hook", "X-Gitlab-Token": "topsecret"},
+                                content=b'{"object_kind": "note"}').json()["delivery_id"]
+    with pytest.raises(Refused, match="was ignored"):
+        world.ops.rerun(actor=ALICE, delivery_id=ignored)
+
+
+def test_deploy_only_needs_a_succeeded_run_and_queues_a_forced_deploy(world: OpsWorld) -> None:
+    _, run = world.built()
+    with pytest.raises(Refused, match="not succeeded"):
+        world.ops.rerun(actor=ALICE, run=run, deploy_only=True)
+    world.finish(run)
+    plan = world.ops.rerun(actor=ALICE, run=run, deploy_only=True, reason="roll staging back to this build")
+    [(task, args)] = world.take_tasks()
+    snapshot, environment, attempt, force = args
+    assert (task, environment, attempt, force) == (DEPLOY_TASK, "staging", 2, True)
+    assert snapshot["metadata"]["name"] == run.split("/")[1] and plan["environments"] == ["staging"]
+    assert world.ops.audit_log()[0]["reason"] == "roll staging back to this build"
+
+
+def test_a_forced_redeploy_of_an_older_commit_is_not_refused_but_logged(world: OpsWorld) -> None:
+    """The ancestry guard stops automatic deploys of older commits; a person's re-deploy (a rollback) passes."""
+    from workers.orchestration import RunRef
+
+    delivery, run = world.built()
+    obj = world.finish(run)
+    deployment = world.cluster.deployments[("staging", "shop-api")]
+    deployment["metadata"]["annotations"]["cibroker.dev/deployed-sha"] = SHA2
+    world.resolver.ancestry.add((SHA1, SHA2))
+    ref = RunRef.of(obj)
+    assert world.orch.deploy(ref, "staging", token="auto") is None  # refused: older than what runs
+    assert world.orch.deploy(ref, "staging", token="person", attempt=2, force=True) == "shop-api"
+    steps = [e["step"] for e in world.ops.delivery(delivery)["log"]]
+    assert "deploy_refused" in steps and "deploy_forced" in steps
+    assert world.host.states()[-2:] == ["deploy/staging:canceled", "deploy/staging:running"]
+
+
+def test_cancel_patches_the_run_and_the_report_names_who_and_why(world: OpsWorld) -> None:
+    delivery, run = world.built()
+    done = world.ops.cancel(run, actor=ALICE, reason="wrong branch")
+    namespace, name = run.split("/")
+    obj = world.cluster.runs[(namespace, name)]
+    assert obj["spec"]["status"] == "Cancelled" and done["spec_status"] == "Cancelled"
+    obj = world.finish(run, status="False", reason="Cancelled")
+    assert world.orch.observe(obj, token="watch") is CommitState.CANCELED
+    assert world.host.statuses[-1].description == "build-test-push: canceled by alice@laptop: wrong branch"
+    assert world.ops.audit_log()[0] | {"at": ""} == {"at": "", "who": "alice@laptop", "channel": "cli", "action": "cancel",
+                                                     "target": f"PipelineRun {run}", "reason": "wrong branch",
+                                                     "result": "Cancelled"}
+    with pytest.raises(Refused, match="already ended"):
+        world.ops.cancel(run, actor=ALICE)
+    assert world.ops.delivery(delivery)["log"][-2]["step"] == "cancel_requested"
+
+
+def test_runs_and_run_views(world: OpsWorld) -> None:
+    _, run = world.built()
+    namespace, name = run.split("/")
+    world.cluster.taskruns[(namespace, name)] = [{
+        "metadata": {"name": f"{name}-build", "labels": {"tekton.dev/pipelineTask": "build"}},
+        "status": {"podName": f"{name}-build-pod", "startTime": "2026-11-22T10:00:00Z", "completionTime": "2026-11-22T10:01:30Z",
+                   "conditions": [{"type": "Succeeded", "status": "False", "reason": "Failed", "message": "exit 2"}],
+                   "steps": [{"name": "compile", "terminated": {"exitCode": 2}}]},
+    }]
+    world.finish(run, status="False", reason="Failed")
+    [listed] = world.ops.runs(repo="acme/shop-api")
+    assert listed["run"] == run and listed["state"] == "failed" and listed["sha"] == SHA1
+    assert world.ops.runs(state="success") == [] and world.ops.runs(repo="acme/other") == []
+    shown = world.ops.run(name)  # a bare name is looked up in every routed namespace
+    assert shown["failing"] == {"task": "build", "reason": "Failed", "message": "exit 2"}
+    assert shown["taskruns"][0] | {} == shown["taskruns"][0] and shown["taskruns"][0]["duration_seconds"] == 90.0
+    assert shown["taskruns"][0]["failed_step"] == "compile"
+    assert shown["logs"][0] == f"tkn pipelinerun logs {name} -n ci"
+    assert f"kubectl logs -n ci {name}-build-pod --all-containers" in shown["logs"][1]
+    assert shown["statuses"] == {"cibroker/build-test-push": "pending"}
+    with pytest.raises(NotFound):
+        world.ops.run("ci/nope")
+
+
+def test_without_a_cluster_run_actions_say_so(world: OpsWorld) -> None:
+    delivery, run = world.built()
+    ops = Operations(settings=world.settings, store=world.orch.store, cluster=None)
+    assert ops.delivery(delivery)["runs"] is None  # the record still shows
+    with pytest.raises(NoCluster):
+        ops.runs()
+    with pytest.raises(NoCluster):
+        ops.cancel(run, actor=ALICE)
+
+
+def test_deliveries_list_filters_and_pages(world: OpsWorld) -> None:
+    ids = [world.push(f"k{i}", sha=f"{i + 1:040x}") for i in range(5)]
+    assert [d["delivery_id"] for d in world.ops.deliveries(limit=3)] == ids[::-1][:3]
+    assert world.ops.deliveries(repo="acme/other") == []
+    assert len(world.ops.deliveries(state="queued")) == 5
+
+
+def test_pruning_keeps_the_newest_finished_runs_of_a_route(world: OpsWorld, tmp_path: Path, redis_url: str) -> None:
+    routing = (FIXTURES / "routing" / "example.yaml").read_text().replace("    pipeline: build-test-push\n",
+                                                                          "    pipeline: build-test-push\n    max_keep_runs: 2\n", 1)
+    assert "max_keep_runs" in routing
+    w = OpsWorld(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), redis_url)
+    try:
+        runs = []
+        for i in range(4):
+            _, run = w.built(f"p{i}", sha=f"{i + 1:040x}", ref=f"refs/heads/release/{i}")
+            runs.append(run)
+        for i, run in enumerate(runs):
+            obj = w.finish(run)
+            obj["status"]["completionTime"] = f"2026-11-22T10:0{i}:00Z"
+            w.cluster.runs[tuple(run.split("/"))]["status"]["completionTime"] = obj["status"]["completionTime"]
+            w.orch.observe(obj, token=f"o{i}")
+        left = sorted(f"{ns}/{name}" for ns, name in w.cluster.runs)
+        assert left == sorted(runs[2:])
+    finally:
+        w.close()
