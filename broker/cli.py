@@ -142,6 +142,62 @@ def watcher(config: ConfigOption = None) -> None:
         w.stop.set()
 
 
+@app.command()
+def dev(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """serve + worker + watcher in one process for a laptop; a DRY RUN when no cluster is reachable."""
+    import threading
+
+    import uvicorn
+
+    from broker.web import create_app
+    from workers.app import create_celery, default_orchestrator
+    from workers.wiring import cluster_or_none, default_operations
+
+    settings = _settings(config)
+    settings, store = _with_store(settings)
+    cluster, why = cluster_or_none(settings)
+    dry_run = cluster is None
+    configure(fmt=settings.env.log_format, level=settings.env.log_level, always={"mode": "dry-run"} if dry_run else None)
+    _startup_log(settings, store, "dev", listen=f"http://{host}:{port}", cluster="none: DRY RUN" if dry_run else "kubernetes")
+    log = get_logger("cibroker")
+    if dry_run:
+        log.warning("dry_run", detail=f"{why}. Deliveries are authenticated, routed and rendered; PipelineRuns and deploys "
+                                      "are recorded in each delivery's decision log, not created; no commit status is posted.")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, operations=default_operations(settings, cluster=cluster,
+                                                                                              find_cluster=False),
+                                                      dry_run=dry_run),
+                                           host=host, port=port, access_log=False, log_level="warning", server_header=False))
+    threading.Thread(target=server.run, name="web", daemon=True).start()
+
+    def orchestrator(s: Settings) -> Any:
+        if not dry_run:
+            return default_orchestrator(s)
+        from broker.store import SyncStore
+        from workers.orchestration import Orchestrator
+        from workers.wiring import resolver_or_none
+
+        assert s.env.redis_url is not None
+        return Orchestrator(settings=s, store=SyncStore(s.env.redis_url.get_secret_value(), timeout=s.env.redis_timeout_seconds),
+                            cluster=None, git_hosts={}, resolver=resolver_or_none(s), dry_run=True)  # type: ignore[arg-type]
+
+    celery = create_celery(settings, orchestrator=orchestrator)
+    if not dry_run:
+        from workers.app import submitter
+        from workers.watcher import Watcher
+
+        routing = settings.routing
+        namespaces = sorted({r.namespace or routing.defaults.namespace for r in routing.routes})
+        watcher_ = Watcher(cluster, namespaces, submit=submitter(celery), resync_seconds=settings.env.resync_seconds)
+        threading.Thread(target=watcher_.run, name="watcher", daemon=True).start()
+    celery.worker_main(["worker", "--loglevel=WARNING", "-Q", settings.env.queue, "--pool=solo", "--concurrency=1",
+                        "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    server.should_exit = True
+
+
 @config_app.command("check")
 def config_check(
     file: Annotated[Path, typer.Argument(help="Routing file to check.")],

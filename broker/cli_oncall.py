@@ -334,6 +334,8 @@ def print_delivery(found: dict[str, Any]) -> None:
     for entry in found["log"]:
         extra = f"  [{entry['answer']}]" if "answer" in entry else ""
         _print(f"  {entry['at']}  {entry['step']:<17} {entry['detail']}{extra}")
+        if entry.get("pipelinerun"):  # a dry run recorded the object it would have created
+            typer.echo("    " + yaml.safe_dump(entry["pipelinerun"], sort_keys=False).rstrip().replace("\n", "\n    "))
     runs = found.get("runs")
     if runs:
         _print("  runs:")

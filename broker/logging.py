@@ -13,14 +13,21 @@ import sys
 import structlog
 
 
-def configure(*, fmt: str = "auto", level: str = "info") -> None:
+def configure(*, fmt: str = "auto", level: str = "info", always: dict[str, str] | None = None) -> None:
+    """`always` adds fixed keys to every line of the process (e.g. mode=dry-run), from every thread."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    fixed = dict(always or {})
+
+    def add_fixed(logger: object, name: str, event: dict) -> dict:  # type: ignore[type-arg]
+        return {**fixed, **event} if fixed else event
+
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_fixed,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

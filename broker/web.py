@@ -20,6 +20,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -78,11 +79,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings, *, store: AsyncStore | None = None, operations: Operations | None = None) -> Starlette:
+def create_app(settings: Settings, *, store: AsyncStore | None = None, operations: Operations | None = None,
+               dry_run: bool = False) -> Starlette:
     """The web app: webhook edge, on-call API, dashboard, metrics.
 
     `operations` is the on-call service; by default it is built at start-up with the real
     adapters (a cluster when KUBECONFIG or in-cluster credentials are there, else none).
+    `dry_run` (from `cibroker dev` without a cluster) is said on every answer of the app
+    (header X-Cibroker-Mode) and on every page.
     """
     env = settings.env
     edges = {
@@ -200,8 +204,11 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
                                "reason": f"already received as delivery {prior} (same {identity.source})"})
         log.info("webhook_accepted", host=host_id, delivery_id=delivery_id, repo=event.repo, ref=event.ref,
                  sha=event.sha, routes=list(outcome.routes), took_ms=took_ms)
-        return _json(202, {"decision": "accepted", "delivery_id": delivery_id, "routes": list(outcome.routes),
-                           "repo": event.repo, "ref": event.ref, "sha": event.sha})
+        answer = {"decision": "accepted", "delivery_id": delivery_id, "routes": list(outcome.routes), "repo": event.repo,
+                  "ref": event.ref, "sha": event.sha}
+        if dry_run:
+            answer["mode"] = "dry-run: the PipelineRun is rendered and recorded, not created (no cluster)"
+        return _json(202, answer)
 
     async def _ignored(edge: HostEdge, ignored: Ignored, *, delivery_id: str, received: float, headers: Any,
                        authenticated_by: str, started: float) -> Response:
@@ -245,9 +252,12 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
             await state["store"].ping()
         except StoreUnavailable as exc:
             return _json(503, {"status": "unavailable", "error": str(exc)})
-        return _json(200, {"status": "ready", "config": settings.source, "hosts": sorted(edges)})
+        return _json(200, {"status": "ready", "config": settings.source, "hosts": sorted(edges),
+                           "mode": "dry-run" if dry_run else "live"})
 
-    return Starlette(
+    middleware = [Middleware(ModeHeader)] if dry_run else []
+    app = Starlette(
+        middleware=middleware,
         routes=[
             Route("/hooks/{host_id}", hook, methods=["POST"]),
             *api_routes(auth, ops),
@@ -258,6 +268,23 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
         ],
         lifespan=lifespan,
     )
+    app.state.dry_run = dry_run  # pages say so (broker.dashboard reads it)
+    return app
+
+
+class ModeHeader:
+    """Dry-run mode (`cibroker dev` without a cluster): every answer carries X-Cibroker-Mode: dry-run."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-cibroker-mode", b"dry-run")]
+            await send(message)
+
+        await self.app(scope, receive, sending if scope["type"] == "http" else send)
 
 
 def app_from_environment() -> Starlette:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +17,8 @@ import pytest
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
-from tests.test_e2e import CIBROKER
+from tests.support import SECRETS, free_port, payload
+from tests.test_e2e import CIBROKER, Process, base_env, wait_healthy
 from tests.test_e2e_orchestration import SHA1, STATUS, Stack, fake_gitlab_api, kube, stack  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
@@ -121,3 +124,38 @@ def test_a_rollout_slower_than_a_few_polls_is_still_followed_to_success(stack: S
         stack.wait("deploy/staging success", lambda: stack.gitlab.states(SHA1, "deploy/staging")[-1:] == ["success"],
                    timeout=60)
     assert stack.gitlab.states(SHA1, "deploy/staging") == ["running", "success"]
+
+
+def test_dev_without_a_cluster_is_a_dry_run_that_shows_the_whole_decision_path(tmp_path: Path) -> None:
+    """`cibroker dev` on embedded defaults, no cluster: a push is routed and its PipelineRun rendered and recorded."""
+    from tests.crd import validate
+
+    port = free_port()
+    env = base_env(tmp_path, KUBECONFIG=str(tmp_path / "no-such-kubeconfig"))
+    proc = Process(["dev", "--port", str(port)], env=env, cwd=tmp_path, log=tmp_path / "dev.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        answer = httpx.post(f"http://127.0.0.1:{port}/hooks/gitlab", content=payload("gitlab/push-branch-update.json"),
+                            headers={"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRETS["GITLAB_WEBHOOK_SECRET"],
+                                     "Content-Type": "application/json"})
+        assert answer.status_code == 202 and answer.headers["x-cibroker-mode"] == "dry-run"
+        assert answer.json()["mode"].startswith("dry-run")
+        delivery_id = answer.json()["delivery_id"]
+        deadline = time.monotonic() + 30
+        while True:
+            found = httpx.get(f"http://127.0.0.1:{port}/api/deliveries/{delivery_id}").json()
+            if found["state"] == "dry-run" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        [entry] = [e for e in found["log"] if e["step"] == "dry_run"]
+        assert "nothing created, no commit status posted" in entry["detail"]
+        validate(entry["pipelinerun"])
+        assert entry["pipelinerun"]["spec"]["params"][1] == {"name": "git-revision",
+                                                              "value": "2adc9465c4edfc33834e173fe89436a7cb899a1d"}
+        runs = httpx.get(f"http://127.0.0.1:{port}/api/runs")
+        assert runs.status_code == 503 and "no Kubernetes cluster" in runs.json()["error"]
+    finally:
+        proc.stop()
+    lines = proc.lines()
+    assert lines and all(line.get("mode") == "dry-run" for line in lines)
+    assert any(line["event"] == "dry_run" for line in lines)

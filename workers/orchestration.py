@@ -98,6 +98,8 @@ class Orchestrator:
     clock: Callable[[], float] = time.time
     # Called with the PipelineRun snapshot when a run that has deploys succeeded; the tasks layer enqueues them.
     on_success: Callable[[Mapping[str, Any]], None] = lambda obj: None  # noqa: E731
+    # No cluster to talk to (`cibroker dev` on a laptop): render and record, create and post nothing.
+    dry_run: bool = False
     _sa_seen: dict[tuple[str, str], float] = field(default_factory=dict)
 
     # ---- lookups -------------------------------------------------------------------------
@@ -115,9 +117,10 @@ class Orchestrator:
     def git_auth(self, host_id: str) -> tuple[str, str] | None:
         return git_auth(self.settings, host_id)
 
-    def _log(self, delivery_id: str, step: str, detail: str, **extra: Any) -> None:
+    def _log(self, delivery_id: str, step: str, detail: str, *, delivery_state: str | None = None, **extra: Any) -> None:
+        """Append to the delivery's decision log; `delivery_state` also moves the delivery's state (queued, started...)."""
         if delivery_id:
-            self.store.append_log(delivery_id, log_entry(step, detail, at=self.clock(), **extra))
+            self.store.append_log(delivery_id, log_entry(step, detail, at=self.clock(), **extra), state=delivery_state)
 
     # ---- start: delivery -> PipelineRun(s) ----------------------------------------------
 
@@ -151,12 +154,14 @@ class Orchestrator:
         body = pr.render(self.settings.routing, route, req, git_url=git_url, api_version=self.api_version)
         body["metadata"]["annotations"][pr.A_REPORTED] = CommitState.PENDING.value
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if self.dry_run:
+            return self._dry_run(route, req, body)
         self._preflight(namespace, body)
         obj, created = self.cluster.create_pipelinerun(body, namespace=namespace)
         ref = RunRef.of(obj)
         self._log(req.delivery_id, "pipelinerun_created" if created else "pipelinerun_exists",
                   f"PipelineRun {namespace}/{name} {'created' if created else 'already existed (same push delivered again)'} "
-                  f"for route {route.name}, commit {sha[:8]}, image {ref.image}", run=f"{namespace}/{name}")
+                  f"for route {route.name}, commit {sha[:8]}, image {ref.image}", run=f"{namespace}/{name}", delivery_state="started")
         if created:
             self.store.count(metrics.CREATED.name, metrics.CREATED.field((route.name, "rerun" if record.get("rerun_of") else "push")))
         self.report(ref, CommitState.PENDING, f"{route.pipeline}: queued", token=token)
@@ -225,10 +230,22 @@ class Orchestrator:
             "spec": {"status": route.cancel_status}, "metadata": {"annotations": {pr.A_SUPERSEDED_BY: by}}})
         self._log(delivery_id, "superseded", f"PipelineRun {namespace}/{name} cancelled ({route.cancel_status}): superseded by {by}")
 
+    def _dry_run(self, route: Route, req: pr.RunRequest, body: dict[str, Any]) -> str:
+        """No cluster (`cibroker dev` on a laptop): record what would be created and deployed, create and post nothing."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        image = body["metadata"]["annotations"][pr.A_IMAGE]
+        self._log(req.delivery_id, "dry_run", f"DRY RUN (no cluster): would create PipelineRun {namespace}/{name} for route "
+                  f"{route.name}, commit {req.sha[:8]}, image {image}; nothing created, no commit status posted",
+                  run=f"{namespace}/{name}", pipelinerun=body, delivery_state="dry-run")
+        for target in pr.deploys_for(route, req):
+            self._log(req.delivery_id, "dry_run", f"DRY RUN: once it succeeds, would set {target.namespace}/{target.deployment} "
+                      f"container {target.container} to {image} ({target.environment}) and wait for the rollout")
+        return name
+
     def _fail_before_run(self, record: Mapping[str, Any], route_name: str, reason: str, *, attempt: int) -> None:
         """A permanent problem before any PipelineRun exists: say so on the commit and in the log."""
         push = record["push"]
-        self._log(record["delivery_id"], "failed", f"route {route_name}: {reason}")
+        self._log(record["delivery_id"], "failed", f"route {route_name}: {reason}", delivery_state="failed")
         log.warning("run_not_started", delivery_id=record["delivery_id"], route=route_name, reason=reason)
         route = next((r for r in self.settings.routing.routes if r.name == route_name), None)
         if route is None:
@@ -280,7 +297,8 @@ class Orchestrator:
         self.store.count(metrics.STATUS_POSTS.name, metrics.STATUS_POSTS.field((ref.host, answer.value)))
         self._log(ref.delivery_id, "status_posted",
                   f"{status_name} {state} on {ref.sha[:8]}: {'posted' if answer is StatusAnswer.POSTED else 'host already had it'}"
-                  f" ({description})", status=status_name, state=state.value, answer=answer.value)
+                  f" ({description})", status=status_name, state=state.value, answer=answer.value,
+                  delivery_state=state.value if status_name == ref.status_name and state is not CommitState.PENDING else None)
         log.info("status_posted", run=ref.key, status=status_name, state=state.value, answer=answer.value)
         return True
 
