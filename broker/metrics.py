@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 SEP = "\x1f"  # between label values in a Redis hash field
 
@@ -58,7 +59,7 @@ SHARED: tuple[Family, ...] = (RUNS, RUN_DURATION, CREATED, STATUS_POSTS, DEPLOYS
 def histogram_increments(family: Family, values: Iterable[str], observed: float) -> list[tuple[str, float]]:
     """The hash fields to add to for one observation: every bucket it falls in, +Inf, sum and count."""
     base = family.field(values)
-    out = [(f"{base}{SEP}le={bound}", 1.0) for bound in family.buckets if observed <= bound]
+    out = [(f"{base}{SEP}le={floatToGoString(bound)}", 1.0) for bound in family.buckets if observed <= bound]
     out += [(f"{base}{SEP}le=+Inf", 1.0), (f"{base}{SEP}sum", observed), (f"{base}{SEP}count", 1.0)]
     return out
 
@@ -91,7 +92,8 @@ class SharedCollector(Collector):
             *labels, part = field.split(SEP)
             series.setdefault(tuple(labels), {})[part] = value
         for labels, parts in sorted(series.items()):
-            buckets = [(str(b), parts.get(f"le={b}", 0.0)) for b in family.buckets] + [("+Inf", parts.get("le=+Inf", 0.0))]
+            buckets = [(floatToGoString(b), parts.get(f"le={floatToGoString(b)}", 0.0)) for b in family.buckets]
+            buckets.append(("+Inf", parts.get("le=+Inf", 0.0)))
             metric.add_metric(list(labels), buckets, parts.get("sum", 0.0))
         return metric
 

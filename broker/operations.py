@@ -35,6 +35,7 @@ A_CANCELLED_BY = f"{pr.GROUP}/cancelled-by"
 A_CANCEL_REASON = f"{pr.GROUP}/cancel-reason"
 GIT_USERNAMES = {"gitlab": "oauth2", "github": "x-access-token", "gitea": "cibroker"}
 ATTEMPT_TTL = 90 * 86400
+SCAN_LIMIT = 20_000  # filtered listings look at most this many recent deliveries
 
 
 class NotFound(Permanent):
@@ -171,19 +172,23 @@ class Operations:
     def deliveries(self, *, limit: int = 50, repo: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         """Recent deliveries, newest first, optionally only one repo's or one state's."""
         out: list[dict[str, Any]] = []
-        before: int | None = None
-        while len(out) < limit:
-            page = self.store.recent(limit=200, before_ms=before)
+        seen: set[str] = set()
+        scanned = 0
+        while len(out) < limit and scanned < SCAN_LIMIT:
+            page = self.store.recent(limit=200, offset=scanned)
             if not page:
                 break
-            for found in page:
+            scanned += len(page)
+            for found, _ in page:
+                if found is None or found["delivery_id"] in seen:  # expired; or newer deliveries shifted the offsets
+                    continue
+                seen.add(found["delivery_id"])
                 push = found.get("push") or {}
                 if repo and push.get("repo") != repo:
                     continue
                 if state and state not in (found.get("state"), found.get("decision")):
                     continue
                 out.append(found)
-            before = int(page[-1]["delivery_id"][:12], 16)
         return out[:limit]
 
     def delivery(self, delivery_id: str) -> dict[str, Any]:

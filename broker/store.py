@@ -224,16 +224,16 @@ class SyncStore:
 
     # ---- on-call operations (broker.operations) ------------------------------------------
 
-    def recent(self, *, limit: int, before_ms: int | None = None) -> list[dict[str, Any]]:
-        """The newest delivery records (no decision logs), newest first."""
+    def recent(self, *, limit: int, offset: int = 0) -> list[tuple[dict[str, Any] | None, int]]:
+        """Delivery records (no decision logs) with their index scores (ms), newest first, from `offset`."""
         with self._errors("listing deliveries"):
-            ids = self._client.zrevrangebyscore(INDEX_KEY, "+inf" if before_ms is None else f"({before_ms}", "-inf",
-                                                start=0, num=limit)
+            ids = self._client.zrevrange(INDEX_KEY, offset, offset + limit - 1, withscores=True)
             pipe = self._client.pipeline(transaction=False)
-            for delivery_id in ids:
+            for delivery_id, _ in ids:
                 pipe.hgetall(record_key(delivery_id.decode()))
             rows = pipe.execute()
-        return [found for fields in rows if (found := decode_delivery(fields, [])) is not None]
+        # An expired record leaves its index entry until the next accept trims it: None in its place.
+        return [(decode_delivery(fields, []), int(score)) for (_, score), fields in zip(ids, rows, strict=True)]
 
     def next_attempt(self, key: str, *, ttl: int) -> int:
         """2, 3, ... for successive re-runs of one commit (the first run, from the webhook, is attempt 1)."""
@@ -288,16 +288,6 @@ class SyncStore:
         with self._errors("reading the audit log"):
             raw = self._client.zrevrange(AUDIT_KEY, 0, limit - 1)
         return [json.loads(item) for item in raw]
-
-    def prune(self, *, retention_seconds: int) -> int:
-        """Drop index entries (and audit entries) older than the retention period; records expire by TTL."""
-        cutoff = int(time.time() * 1000) - retention_seconds * 1000
-        with self._errors("pruning"):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.zremrangebyscore(INDEX_KEY, "-inf", cutoff)
-            pipe.zremrangebyscore(AUDIT_KEY, "-inf", cutoff)
-            removed = pipe.execute()
-        return int(removed[0]) + int(removed[1])
 
     def queue_depth(self, queue: str) -> int:
         with self._errors("reading the queue depth"):
