@@ -465,6 +465,7 @@ def test_each_process_gets_every_secret_the_routing_file_names(name: str, tmp_pa
     settings = load_settings(env, config_path=ROUTING)
     assert settings.env.redis_url is not None and settings.env.api_token_values()
     token_warnings = [w for w in settings.warnings if ".token:" in w]
+    assert [w for w in settings.warnings if w not in token_warnings] == []  # every webhook secret slot is provided
     if name == "cibroker-worker":  # posts the commit statuses
         assert token_warnings == [] and all(c.token for c in settings.credentials.values())
     else:  # the host API tokens stay out of the edge and the watcher
