@@ -238,3 +238,22 @@ def test_pruning_keeps_the_newest_finished_runs_of_a_route(world: OpsWorld, tmp_
         assert left == sorted(runs[2:])
     finally:
         w.close()
+
+
+def test_the_oncall_service_needs_exactly_oncall_rbac(world: OpsWorld, kube_cluster, kube_api) -> None:  # type: ignore[no-untyped-def]
+    """Through the real adapter and the fake API server: every call the on-call verbs make is in ONCALL_RBAC."""
+    from tests.test_kube_adapter import _permission
+    from workers.kube import ONCALL_RBAC
+
+    delivery, run = world.built()
+    namespace, name = run.split("/")
+    kube_cluster.create_pipelinerun(world.cluster.runs[(namespace, name)], namespace=namespace)
+    ops = Operations(settings=world.settings, store=world.orch.store, cluster=kube_cluster, resolver=world.resolver)
+    kube_api.requests.clear()
+    ops.runs()
+    ops.run(run)
+    ops.delivery(delivery)
+    ops.rerun(actor=ALICE, run=run)
+    ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA1, dry_run=True)
+    ops.cancel(name, actor=ALICE)
+    assert {_permission(r) for r in kube_api.requests} == ONCALL_RBAC

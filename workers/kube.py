@@ -53,6 +53,15 @@ RBAC: frozenset[tuple[str, str, str]] = frozenset({
     ("apps", "deployments", "patch"),
 })
 
+# The subset the on-call API and dashboard use (broker/operations.py): read runs, cancel them.
+ONCALL_RBAC: frozenset[tuple[str, str, str]] = frozenset({
+    (TEKTON, "pipelineruns", "get"),
+    (TEKTON, "pipelineruns", "list"),
+    (TEKTON, "pipelineruns", "patch"),
+    (TEKTON, "taskruns", "list"),
+})
+assert ONCALL_RBAC <= RBAC
+
 # Reconnect a few times, re-read an idempotent GET once, and never sleep on a status code.
 RETRIES = urllib3.util.Retry(total=3, connect=3, read=1, redirect=0, status=0, other=0,
                              respect_retry_after_header=False)
