@@ -84,10 +84,13 @@ def test_the_documented_example_loads_with_its_secrets_set() -> None:
     assert staging.when is not None and staging.when.branches == ["main"]
 
 
-def test_the_shipped_example_is_the_documented_example() -> None:
-    """config/example.yaml (with its comments) means exactly what the issue's example means."""
+def test_the_shipped_example_is_the_documented_example_plus_the_catalogs_workspaces() -> None:
+    """config/example.yaml (with its comments) means what the issue's example means, with the workspaces
+    deploy/tekton's build-test-push needs bound (tests/test_deploy_manifests.py checks they fit)."""
     shipped = parse_routing(SHIPPED_EXAMPLE.read_text(), source=str(SHIPPED_EXAMPLE))
-    assert shipped == parse_routing(EXAMPLE.read_text(), source=str(EXAMPLE))
+    documented = parse_routing(EXAMPLE.read_text(), source=str(EXAMPLE))
+    assert [w["name"] for w in shipped.routes[0].workspaces] == ["source", "dockerconfig"]
+    assert shipped.model_copy(update={"routes": [r.model_copy(update={"workspaces": []}) for r in shipped.routes]}) == documented
 
 
 def test_the_routing_models_are_frozen() -> None:

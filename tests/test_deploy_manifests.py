@@ -263,16 +263,15 @@ def test_an_interface_mismatch_is_reported() -> None:
                                                   "workspace 'dockerconfig' is required but not bound"]
 
 
-def test_the_example_routing_files_runs_fit_once_the_workspaces_are_bound() -> None:
-    """config/example.yaml binds no workspaces; its routes are otherwise those deployed, and their params fit."""
+def test_the_example_routing_file_is_the_deployed_one_and_its_runs_fit_the_catalog() -> None:
+    """config/example.yaml has the routes deployed (workspaces included), and their PipelineRuns fit the Pipelines."""
     example, deployed = example_routing(), deploy_routing()
     assert example.defaults == deployed.defaults and example.hosts == deployed.hosts
-    assert [r.model_copy(update={"workspaces": []}) for r in deployed.routes] == list(example.routes)
+    assert list(deployed.routes) == list(example.routes)
     objects = build("dev")
     for body in rendered_runs(example):
         pipeline = find(objects, "Pipeline", body["spec"]["pipelineRef"]["name"], body["metadata"]["namespace"])
-        assert interface_problems(body, pipeline) == ["workspace 'dockerconfig' is required but not bound",
-                                                      "workspace 'source' is required but not bound"]
+        assert interface_problems(body, pipeline) == []
 
 
 VARIABLE = re.compile(r"\$\((params|results|workspaces|tasks)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?[^)]*\)")
