@@ -22,6 +22,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -33,7 +34,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from broker.api import ACTOR, DELIVERY_ID, NAME, STATES, ApiAuth
-from broker.errors import Permanent, Transient
+from broker.errors import Permanent, StoreUnavailable, Transient
 from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
 
 FRAGMENT_HEADER = "x-dashboard-fragment"
@@ -133,11 +134,15 @@ def _problem(request: Request, exc: Exception) -> HTMLResponse:
 
 def overview(service: Operations, *, repo: str | None, state: str | None, limit: int = 50) -> dict[str, Any]:
     """Recent deliveries (each with its runs) and runs, filtered by repo and by run or delivery state."""
-    no_cluster = None
+    no_cluster = cluster_error = None
     try:
         runs = service.runs(repo=repo, limit=500)
     except NoCluster as exc:
         runs, no_cluster = [], str(exc)
+    except (Transient, Permanent) as exc:  # Kubernetes trouble must not hide the deliveries, which come from Redis
+        if isinstance(exc, StoreUnavailable):
+            raise
+        runs, cluster_error = [], str(exc)
     by_delivery: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_delivery[r["delivery_id"]].append(r)
@@ -153,6 +158,7 @@ def overview(service: Operations, *, repo: str | None, state: str | None, limit:
         "runs": [r for r in runs if not state or r["state"] == state][:limit],
         "repos": repos,
         "no_cluster": no_cluster,
+        "cluster_error": cluster_error,
     }
 
 
@@ -176,6 +182,16 @@ def run_page(service: Operations, key: str) -> dict[str, Any]:
         "delivery_gone": delivery_gone,
         "final": run["state"] in ("success", "failed", "canceled"),
     }
+
+
+def delivery_page(service: Operations, delivery_id: str) -> dict[str, Any]:
+    """A delivery with its runs; when Kubernetes cannot be read, the decision log alone and why."""
+    try:
+        return {"d": service.delivery(delivery_id), "cluster_error": None}
+    except (Transient, Permanent) as exc:
+        if isinstance(exc, (StoreUnavailable, NotFound, NoCluster)):
+            raise
+        return {"d": replace(service, cluster=None).delivery(delivery_id), "cluster_error": str(exc)}
 
 
 def same_origin(request: Request) -> bool:
@@ -205,6 +221,7 @@ async def read_form(request: Request) -> dict[str, str] | str:
 
 def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
     """The dashboard's routes. `ops` returns the on-call service (built when the app starts)."""
+    token_needed = not isinstance(auth.check(None), str)  # the embedded defaults with no token set act without one
 
     async def index(request: Request) -> Response:
         repo = request.query_params.get("repo", "").strip()[:200] or None
@@ -231,7 +248,8 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
         except (Permanent, Transient) as exc:
             return _problem(request, exc)
         notice = NOTICES.get(request.query_params.get("did", ""))
-        return render(request, "run.html", status=status, error=error, notice=notice, form=form or {}, **found)
+        return render(request, "run.html", status=status, error=error, notice=notice, form=form or {},
+                      token_needed=token_needed, **found)
 
     async def show_delivery(request: Request, *, status: int = 200, error: str | None = None,
                             form: dict[str, str] | None = None) -> Response:
@@ -239,10 +257,11 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
         if not DELIVERY_ID.match(delivery_id):
             return _problem(request, NotFound("no such delivery (ids are 26 lower-case hex characters)"))
         try:
-            found = await run_in_threadpool(ops().delivery, delivery_id)
+            found = await run_in_threadpool(delivery_page, ops(), delivery_id)
         except (Permanent, Transient) as exc:
             return _problem(request, exc)
-        return render(request, "delivery.html", status=status, error=error, form=form or {}, d=found)
+        return render(request, "delivery.html", status=status, error=error, form=form or {}, token_needed=token_needed,
+                      **found)
 
     async def action(request: Request, again: Callable[..., Any], do: Callable[[Actor, dict[str, str]], Any],
                      then: Callable[[Any], str]) -> Response:
@@ -255,9 +274,12 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
         kept = {k: v[:500] for k, v in form.items() if k in ("reason", "who")}  # re-filled after an error; never the token
         name = auth.check(form.get("token") or None)
         if isinstance(name, Response):
-            return await again(request, status=name.status_code, error=orjson.loads(name.body)["error"], form=kept)
-        said = ACTOR.sub("", form.get("who", ""))[:64].strip()
-        actor = Actor(who=f"{said} (token {name})" if said else name, channel="dashboard")
+            said = orjson.loads(name.body)["error"]
+            if not form.get("token") and auth.tokens:  # the API's wording is about headers; this is a form
+                said = "enter an API token (one of those set in CIBROKER_API_TOKENS on the broker)"
+            return await again(request, status=name.status_code, error=said, form=kept)
+        person = ACTOR.sub("", form.get("who", ""))[:64].strip()
+        actor = Actor(who=f"{person} (token {name})" if person else name, channel="dashboard")
         try:
             result = await run_in_threadpool(do, actor, form)
         except (Permanent, Transient) as exc:

@@ -19,10 +19,11 @@ from starlette.testclient import TestClient
 
 from broker import pipelinerun as pr
 from broker.delivery import log_entry
+from broker.errors import Transient
 from broker.operations import A_CANCELLED_BY, Operations
 from broker.store import SyncStore
 from broker.web import create_app
-from config.settings import Settings
+from config.settings import Settings, load_settings
 from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
 from tests.support import FIXTURES, ROUTING, SECRETS, make_settings, payload
 from workers.orchestration import Orchestrator
@@ -202,7 +203,7 @@ def test_rerun_with_the_token_queues_the_next_attempt_and_redirects_to_its_deliv
 
 
 @pytest.mark.parametrize(("token", "status", "said"), [("wrong-token", 403, "invalid API token"),
-                                                       ("", 401, "missing Authorization")])
+                                                       ("", 401, "enter an API token")])
 def test_a_wrong_or_missing_token_is_refused_and_nothing_is_done(board: Board, db: redis.Redis, token: str, status: int,
                                                                  said: str) -> None:
     _, name = board.build("a")
@@ -211,8 +212,9 @@ def test_a_wrong_or_missing_token_is_refused_and_nothing_is_done(board: Board, d
         r = board.client.post(f"/runs/ci/{name}/{action}", data={"token": token, "reason": "why"}, headers=SAME_ORIGIN)
         assert r.status_code == status
         assert said in r.text and 'role="alert"' in r.text
-        assert token not in r.text if token else True  # never echoed back
-        assert 'value="why"' in r.text  # the reason survives; the token field is empty
+        assert 'value="why"' in r.text and 'name="token" autocomplete="off" required>' in r.text  # the token is never echoed
+        if token:
+            assert token not in r.text
     assert db.llen("cibroker") == queued_before and board.ops.audit_log() == []
     assert board.cluster.runs[("ci", name)]["spec"].get("status") is None
 
@@ -302,3 +304,40 @@ def test_no_page_shows_a_secret(board: Board) -> None:
         html = board.client.get(path).text
         for secret in (TOKEN, *(s for s in SECRETS.values() if len(s) > 8)):  # "1234567" could be in any id
             assert secret not in html, f"{path} shows a secret"
+
+
+class UnreachableCluster(FakeCluster):
+    def list_pipelineruns(self, *, namespace: str, selector: str) -> tuple[list[Any], str]:
+        raise Transient("list pipelineruns in namespace 'ci': 503 Service Unavailable")
+
+
+def test_when_kubernetes_cannot_be_read_the_deliveries_and_decision_logs_still_show(tmp_path: Path, redis_url: str) -> None:
+    settings = make_settings(tmp_path, routing=(FIXTURES / "routing" / "example.yaml").read_text(),
+                             environ={"CIBROKER_REDIS_URL": redis_url, "CIBROKER_API_TOKENS": TOKEN})
+    b = Board(settings, redis_url)
+    try:
+        delivery_id = b.push("a")
+        b.ops.cluster = UnreachableCluster()
+        for path in ("/", f"/deliveries/{delivery_id}"):
+            page = b.client.get(path)
+            assert page.status_code == 200 and "Kubernetes cannot be read right now" in page.text
+            assert "503 Service Unavailable" in page.text and delivery_id in page.text
+        assert "queued for a worker" in section(b.client.get(f"/deliveries/{delivery_id}").text, "log")
+    finally:
+        b.close()
+
+
+def test_on_the_embedded_defaults_with_no_token_set_actions_need_no_token(tmp_path: Path, redis_url: str) -> None:
+    """Like the API: a laptop's `./run serve` with no CIBROKER_API_TOKENS acts as `local`."""
+    settings = load_settings({**SECRETS, "CIBROKER_STATE_DIR": str(tmp_path / "state"), "CIBROKER_REDIS_URL": redis_url})
+    assert settings.embedded_defaults
+    b = Board(settings, redis_url)
+    try:
+        delivery_id = b.push("a", repo="gitlab-org/hello-world")
+        page = b.client.get(f"/deliveries/{delivery_id}").text
+        assert 'name="token"' not in page and "No API token is needed here" in page
+        r = b.client.post(f"/deliveries/{delivery_id}/rerun", data={"reason": "try again"}, headers=FORM, follow_redirects=False)
+        assert r.status_code == 303
+        assert [(e["who"], e["channel"]) for e in b.ops.audit_log()] == [("local", "dashboard")]
+    finally:
+        b.close()
