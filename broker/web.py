@@ -28,6 +28,7 @@ from starlette.routing import Route
 import broker
 from broker import delivery
 from broker.api import ApiAuth, api_routes, json_answer, openapi
+from broker.dashboard import dashboard_routes
 from broker.metrics import SHARED, EdgeMetrics
 from broker.operations import Operations
 from broker.errors import Rejected, StoreUnavailable
@@ -261,6 +262,7 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
         routes=[
             Route("/hooks/{host_id}", hook, methods=["POST"]),
             *api_routes(auth, ops),
+            *dashboard_routes(auth, ops),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

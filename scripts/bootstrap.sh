@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup: a venv in .venv with the project installed (editable), and
 # redis-server from the OS packages when it is missing. Fast when already done.
-#   --test   also the test extras      --bench  also wrk
+#   --test   also the test extras and Debian's chromium (the dashboard's browser test)
+#   --bench  also wrk
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 want_test=0; want_bench=0
@@ -24,6 +25,16 @@ if [ ${#need[@]} -gt 0 ]; then
   else
     echo "bootstrap: please install: ${need[*]}" >&2
     if [ "$want_test" = 1 ]; then exit 1; fi
+  fi
+fi
+
+# The OS browser for the dashboard's browser test, driven by Playwright; never `playwright install`
+# (it downloads a browser build of its own). Missing, only that test fails, saying why.
+if [ "$want_test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    apt_install chromium || echo "bootstrap: could not install chromium; tests/test_dashboard_browser.py will fail" >&2
+  else
+    echo "bootstrap: please install chromium (/usr/bin/chromium) for tests/test_dashboard_browser.py" >&2
   fi
 fi
 
