@@ -96,7 +96,7 @@ def render(request: Request, template: str, *, status: int = 200, **context: Any
     context.setdefault("notice", None)
     # The live refresh polls the page's own URL; an answer to a POST names its page itself (or is not polled).
     page_url = request.url.path + (f"?{request.url.query}" if request.url.query else "") if request.method == "GET" else ""
-    context.update(nonce=nonce, page_url=page_url)
+    context.update(nonce=nonce, page_url=page_url, dry_run=bool(getattr(request.app.state, "dry_run", False)))
     page = _templates.get_template(template)
     if request.headers.get(FRAGMENT_HEADER) == "1":
         html = "".join(page.blocks["main"](page.new_context(context)))

@@ -154,6 +154,10 @@ def test_dev_without_a_cluster_is_a_dry_run_that_shows_the_whole_decision_path(t
                                                               "value": "2adc9465c4edfc33834e173fe89436a7cb899a1d"}
         runs = httpx.get(f"http://127.0.0.1:{port}/api/runs")
         assert runs.status_code == 503 and "no Kubernetes cluster" in runs.json()["error"]
+        for page in ("/", f"/deliveries/{delivery_id}"):
+            html = httpx.get(f"http://127.0.0.1:{port}{page}").text
+            assert "DRY RUN" in html, page
+        assert "dry_run" in httpx.get(f"http://127.0.0.1:{port}/deliveries/{delivery_id}").text
     finally:
         proc.stop()
     lines = proc.lines()
