@@ -599,7 +599,8 @@ def test_the_oncall_pods_may_read_and_cancel_runs_and_nothing_else(overlay: str)
     assert pod["serviceAccountName"] == "cibroker-oncall" and pod["automountServiceAccountToken"] is True
     paths = {p["path"]: p["backend"]["service"]["name"]
              for p in find(objects, "Ingress", "cibroker-web")["spec"]["rules"][0]["http"]["paths"]}
-    assert paths["/hooks/"] == "cibroker-web" and paths["/api/"] == "cibroker-oncall"
+    assert paths == {"/hooks/": "cibroker-web", "/api/": "cibroker-oncall", "/openapi.json": "cibroker-oncall",
+                     "/": "cibroker-oncall", "/runs/": "cibroker-oncall", "/deliveries/": "cibroker-oncall"}
 
 
 def test_the_rbac_comparison_reports_an_extra_and_a_missing_verb() -> None:
