@@ -69,6 +69,9 @@ return 1
 """
 
 _ERRORS = (redis.exceptions.RedisError, OSError)
+# uvloop raises RuntimeError ("the handler is closed") writing to a connection Redis reset; redis-py has
+# already dropped that connection, so the next call reconnects: to the edge it is Redis being away (503).
+_ASYNC_ERRORS = (*_ERRORS, RuntimeError)
 
 
 def _dumps(value: Any) -> bytes:
@@ -108,7 +111,7 @@ class AsyncStore:
     async def _errors(self, doing: str):  # type: ignore[no-untyped-def]
         try:
             yield
-        except _ERRORS as exc:
+        except _ASYNC_ERRORS as exc:
             raise StoreUnavailable(f"redis unavailable while {doing}: {type(exc).__name__}") from exc
 
     async def prepare(self) -> None:
