@@ -57,7 +57,10 @@ def create_celery(settings: Settings, *, orchestrator: Callable[[Settings], Orch
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": env.visibility_timeout_seconds},
+        # kombu sweeps for a dead worker's unacked tasks only every interval x throttle seconds (10 x 10
+        # by default): a killed worker's task came back up to 100 s after its visibility timeout.
+        broker_transport_options={"visibility_timeout": env.visibility_timeout_seconds,
+                                  "unacked_restore_interval": 5, "unacked_restore_throttle": 1},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         accept_content=["json"],
