@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from broker.embedded import kombu_url
+from broker.errors import StoreUnavailable
 from broker.ports import GitHost
 from broker.store import SyncStore
 from config.settings import Settings
@@ -83,6 +85,9 @@ def submitter(app: Celery) -> Callable[[dict], None]:
     """What the watcher calls for a run whose state moved: a report task on the queue."""
 
     def submit(obj: dict) -> None:
-        app.send_task(tasks.REPORT_TASK, args=[tasks.snapshot(obj)], queue=app.conf.task_default_queue)
+        try:
+            app.send_task(tasks.REPORT_TASK, args=[tasks.snapshot(obj)], queue=app.conf.task_default_queue)
+        except (OperationalError, OSError) as exc:  # the queue (Redis) is away: the watcher backs off and replays
+            raise StoreUnavailable(f"cannot queue a status report: {type(exc).__name__}: {exc}") from exc
 
     return submit
