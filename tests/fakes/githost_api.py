@@ -304,6 +304,15 @@ class FakeGitLab(_FakeAPI):
                     found.setdefault((name, ref), []).extend(states)
             return found
 
+    def all_states(self) -> tuple[dict[tuple[str, str], list[str]], dict[tuple[str, str], str]]:
+        """({(sha, name): accepted states in order}, {(sha, name): latest description}) for every commit at once."""
+        with self._lock:
+            states: dict[tuple[str, str], list[str]] = {}
+            for (_, sha, name, _), accepted in self._accepted.items():
+                states.setdefault((sha, name), []).extend(accepted)
+            described = {(o["sha"], o["name"]): o.get("description") or "" for o in self.objects}
+            return states, described
+
     def states(self, sha: str, name: str) -> list[str]:
         return [state for (n, _), states in self.statuses(sha).items() if n == name for state in states]
 
@@ -404,6 +413,15 @@ class FakeGitHub(_FakeAPI):
                 if s == sha:
                     found.setdefault(context, []).extend(h["state"] for h in history)
             return found
+
+    def all_states(self) -> tuple[dict[tuple[str, str], list[str]], dict[tuple[str, str], str]]:
+        """({(sha, name): accepted states in order}, {(sha, name): latest description}) for every commit at once."""
+        with self._lock:
+            states: dict[tuple[str, str], list[str]] = {}
+            for (_, sha, name, _), accepted in self._accepted.items():
+                states.setdefault((sha, name), []).extend(accepted)
+            described = {(o["sha"], o["name"]): o.get("description") or "" for o in self.objects}
+            return states, described
 
     def states(self, sha: str, name: str) -> list[str]:
         return self.statuses(sha).get(name, [])
