@@ -136,9 +136,9 @@ class Stack:
         }))
         self.config = tmp_path / "routing.yaml"
         self.config.write_text(routing(gitlab.api_url, clone_url))
-        self.env = base_env(tmp_path, CIBROKER_REDIS_URL=redis_url, KUBECONFIG=str(kubeconfig), GITLAB_API_TOKEN=GITLAB_TOKEN,
-                            CIBROKER_API_TOKENS=API_TOKEN, CIBROKER_RESYNC_SECONDS="5",
-                            CIBROKER_VISIBILITY_TIMEOUT_SECONDS="5", **env)
+        self.env = base_env(tmp_path, **{
+            "CIBROKER_REDIS_URL": redis_url, "KUBECONFIG": str(kubeconfig), "GITLAB_API_TOKEN": GITLAB_TOKEN,
+            "CIBROKER_API_TOKENS": API_TOKEN, "CIBROKER_RESYNC_SECONDS": "5", "CIBROKER_VISIBILITY_TIMEOUT_SECONDS": "5", **env})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, Process] = {}
