@@ -46,7 +46,7 @@ RUN_DURATION = Family("cibroker_run_duration_seconds", "PipelineRun duration, st
 CREATED = Family("cibroker_pipelineruns_created", "PipelineRuns created, by route and trigger (push, rerun).", ("route", "trigger"))
 STATUS_POSTS = Family("cibroker_status_posts", "Commit status posts, by host and outcome (posted, already, retry, error).",
                       ("host", "outcome"))
-DEPLOYS = Family("cibroker_deploys", "Deploys, by environment and outcome (success, failed, rolled_back, refused).",
+DEPLOYS = Family("cibroker_deploys", "Deploys, by environment and outcome (success, failed, rolled_back, refused, superseded).",
                  ("environment", "outcome"))
 RATE_LIMIT_WAITS = Family("cibroker_rate_limit_waits", "Task retries that waited for a peer's Retry-After (429/503), by task.",
                           ("task",))

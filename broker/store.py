@@ -55,20 +55,39 @@ return false
 
 # Report claims keep commit statuses in order across workers and retries: a claim for a
 # state succeeds only if it moves forward, or if the same task (a retry) claims it again.
+# A claim also holds a lease while its POST is in flight: a later state waits (-1, retry
+# shortly) until the earlier one's answer is in, so the host never receives `running`
+# before `pending` even when the two posts overlap. A poster that dies frees the lease
+# when it runs out.
+# Field value: state|token|rank|lease-until-ms (0 once the post is done).
 CLAIM_REPORT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
-  local state, token, cur_rank = string.match(cur, '^([^|]*)|([^|]*)|(%d+)$')
+  local state, token, cur_rank, lease = string.match(cur, '^([^|]*)|([^|]*)|(%d+)|?(%d*)$')
   local rank = tonumber(ARGV[4])
   cur_rank = tonumber(cur_rank or '0')
-  if not (rank > cur_rank or (state == ARGV[2] and token == ARGV[3])) then return 0 end
+  local again = (state == ARGV[2] and token == ARGV[3])
+  if not (rank > cur_rank or again) then return 0 end
+  if not again and lease ~= nil and lease ~= '' and tonumber(lease) > tonumber(ARGV[6]) then return -1 end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. (tonumber(ARGV[6]) + tonumber(ARGV[7])))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
+RELEASE_REPORT = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local state, token, rank = string.match(cur, '^([^|]*)|([^|]*)|(%d+)')
+if state ~= ARGV[2] or token ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], state .. '|' .. token .. '|' .. rank .. '|0')
+return 1
+"""
+
 _ERRORS = (redis.exceptions.RedisError, OSError)
+# uvloop raises RuntimeError ("the handler is closed") writing to a connection Redis reset; redis-py has
+# already dropped that connection, so the next call reconnects: to the edge it is Redis being away (503).
+_ASYNC_ERRORS = (*_ERRORS, RuntimeError)
 
 
 def _dumps(value: Any) -> bytes:
@@ -108,7 +127,7 @@ class AsyncStore:
     async def _errors(self, doing: str):  # type: ignore[no-untyped-def]
         try:
             yield
-        except _ERRORS as exc:
+        except _ASYNC_ERRORS as exc:
             raise StoreUnavailable(f"redis unavailable while {doing}: {type(exc).__name__}") from exc
 
     async def prepare(self) -> None:
@@ -178,6 +197,7 @@ class SyncStore:
     def __init__(self, url: str, *, timeout: float) -> None:
         self._client = redis.Redis.from_url(url, **redis_options(timeout=timeout))
         self._claim = self._client.register_script(CLAIM_REPORT)
+        self._release = self._client.register_script(RELEASE_REPORT)
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -202,10 +222,21 @@ class SyncStore:
                 pipe.hset(record_key(delivery_id), "state", state)
             pipe.execute()
 
-    def claim_report(self, run: str, status_name: str, *, state: str, rank: int, token: str, ttl: int) -> bool:
-        """Claim the right to report `state` for (run, status name); False when it would go backwards."""
+    def claim_report(self, run: str, status_name: str, *, state: str, rank: int, token: str, ttl: int,
+                     lease_seconds: float = 30.0) -> int:
+        """Claim the right to report `state` for (run, status name).
+
+        1: go ahead (and call `release_report` once the host answered); 0: it would go
+        backwards, skip it; -1: an earlier state's post is still in flight, try again shortly.
+        """
         with self._errors("claiming a status report"):
-            return bool(self._claim(keys=[f"{PREFIX}reports:{run}"], args=[status_name, state, token, rank, ttl]))
+            return int(self._claim(keys=[f"{PREFIX}reports:{run}"],
+                                   args=[status_name, state, token, rank, ttl, int(time.time() * 1000), int(lease_seconds * 1000)]))
+
+    def release_report(self, run: str, status_name: str, *, state: str, token: str) -> None:
+        """The post of a claimed state is over (answered or failed): later states may go."""
+        with self._errors("releasing a status report"):
+            self._release(keys=[f"{PREFIX}reports:{run}"], args=[status_name, state, token])
 
     def reported(self, run: str) -> dict[str, str]:
         """{status name: state} claimed so far for a run."""

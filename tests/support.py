@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 
 from config.settings import Settings, load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
+CIBROKER = str(Path(sys.executable).parent / "cibroker")
 CORPUS = FIXTURES / "corpus"
 
 ROUTING = """
@@ -143,3 +148,47 @@ class RedisServer:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+class Process:
+    """A cibroker child process whose stderr (JSON log lines) is kept in a file."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.log = log
+        with open(log.with_suffix(".out"), "wb") as out, open(log, "wb") as err:
+            self.proc = subprocess.Popen([CIBROKER, *args], env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def lines(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"PATH": os.defpath, "HOME": str(tmp_path), "CIBROKER_LOG_FORMAT": "json",
+            "CIBROKER_STATE_DIR": str(tmp_path / "state"), **SECRETS, **extra}
+
+
+def wait_healthy(url: str, proc: Process, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"cibroker exited early: {proc.log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"cibroker did not answer /healthz within {timeout} s: {proc.log.read_text()}")

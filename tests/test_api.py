@@ -111,7 +111,8 @@ def test_without_a_cluster_run_endpoints_answer_503_and_deliveries_still_work(wo
 
 def test_openapi_describes_every_route_the_app_serves(world: OpsWorld) -> None:
     spec = world.api.get("/openapi.json").json()
-    served = {re.sub(r"\{name\}", "{name}", r.path) for r in world.api.app.routes if isinstance(r, Route)}
+    served = {r.path for r in world.api.app.routes
+              if isinstance(r, Route) and r.endpoint.__module__ != "broker.dashboard"}  # HTML pages are not the API
     documented = set(spec["paths"])
     # a bare-name form of a run route is the same operation as its namespace/name form
     missing = {p for p in served - documented if p.replace("/api/runs/{name}", "/api/runs/{namespace}/{name}") not in documented}

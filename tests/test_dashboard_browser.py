@@ -23,7 +23,7 @@ from broker import pipelinerun as pr
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
-from tests.stack import SHA1, Stack, fake_gitlab_api, kube, stack  # noqa: F401 (fixtures)
+from tests.stack import API_TOKEN, SHA1, Stack
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
@@ -60,7 +60,7 @@ def built(stack: Stack, key: str) -> str:
 
 
 def api(stack: Stack, path: str) -> list[dict]:
-    return httpx.get(f"{stack.url}{path}", headers={"Authorization": "Bearer t"}, timeout=10).json()
+    return httpx.get(f"{stack.url}{path}", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10).json()
 
 
 def test_a_push_appears_by_itself_and_the_filters_work_without_javascript(stack: Stack, kube: FakeKubeAPI, page: Page,
@@ -133,7 +133,7 @@ def test_rerun_from_the_run_page_with_the_token_makes_attempt_2_and_a_wrong_toke
         rerun = page.locator('form[action$="/rerun"]')
         expect(rerun.locator("input[name=reason]")).to_have_value("flaky test")  # kept; the token field is empty again
         expect(rerun.locator("input[name=token]")).to_have_value("")
-        rerun.locator("input[name=token]").fill("t")
+        rerun.locator("input[name=token]").fill(API_TOKEN)
         rerun.locator("button").click()
         expect(page).to_have_url(re.compile(r"/deliveries/[0-9a-f]{26}$"))
         second = page.url.rsplit("/", 1)[1]

@@ -17,9 +17,8 @@ import pytest
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
-from tests.support import SECRETS, free_port, payload
-from tests.test_e2e import CIBROKER, Process, base_env, wait_healthy
-from tests.test_e2e_orchestration import SHA1, STATUS, Stack, fake_gitlab_api, kube, stack  # noqa: F401 (fixtures)
+from tests.stack import API_TOKEN, SHA1, STATUS, Stack
+from tests.support import CIBROKER, SECRETS, Process, base_env, free_port, payload, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +28,7 @@ def cli(stack: Stack, *args: str, timeout: float = 90) -> subprocess.CompletedPr
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def api(stack: Stack, method: str, path: str, token: str | None = "t", **kw: Any) -> httpx.Response:
+def api(stack: Stack, method: str, path: str, token: str | None = API_TOKEN, **kw: Any) -> httpx.Response:
     headers = {"X-Cibroker-Actor": "alice"} | ({"Authorization": f"Bearer {token}"} if token is not None else {})
     return httpx.request(method, f"{stack.url}{path}", headers=headers, timeout=10, **kw)
 
@@ -94,18 +93,18 @@ def test_the_remote_cli_talks_to_the_api_with_the_same_answers(stack: Stack, kub
         stack.push("r")
         stack.wait("success", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["success"])
     local = json.loads(cli(stack, "runs", "list", "--json", "--config", str(stack.config)).stdout)
-    remote = json.loads(cli(stack, "runs", "list", "--json", "--server", stack.url, "--token", "t").stdout)
+    remote = json.loads(cli(stack, "runs", "list", "--json", "--server", stack.url, "--token", API_TOKEN).stdout)
     assert [r["run"] for r in local] == [r["run"] for r in remote] and len(remote) == 1
     assert remote[0]["state"] == "success"
-    shown = cli(stack, "runs", "show", remote[0]["run"], "--server", stack.url, "--token", "t")
+    shown = cli(stack, "runs", "show", remote[0]["run"], "--server", stack.url, "--token", API_TOKEN)
     assert shown.returncode == 0 and "tkn pipelinerun logs" in shown.stdout
-    dry = cli(stack, "rerun", "--run", remote[0]["run"], "--dry-run", "--server", stack.url, "--token", "t")
+    dry = cli(stack, "rerun", "--run", remote[0]["run"], "--dry-run", "--server", stack.url, "--token", API_TOKEN)
     assert dry.returncode == 0 and "would queue" in dry.stdout and len(stack.runs()) == 1
-    refused = cli(stack, "cancel", remote[0]["run"], "--server", stack.url, "--token", "t")
+    refused = cli(stack, "cancel", remote[0]["run"], "--server", stack.url, "--token", API_TOKEN)
     assert refused.returncode == 1 and "already ended" in refused.stderr and "Traceback" not in refused.stderr
     denied = cli(stack, "runs", "list", "--server", stack.url, "--token", "nope")
     assert denied.returncode == 2 and "invalid API token" in denied.stderr
-    missing = cli(stack, "runs", "show", "ci/nope", "--server", stack.url, "--token", "t")
+    missing = cli(stack, "runs", "show", "ci/nope", "--server", stack.url, "--token", API_TOKEN)
     assert missing.returncode == 1 and "no PipelineRun 'nope'" in missing.stderr
 
 

@@ -19,7 +19,7 @@ from tests.fakes.githost_api import FakeGitLab
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
-from tests.stack import OLD_IMAGE, SHA1, SHA2, STATUS, Stack, fake_gitlab_api, kube, push_body, stack  # noqa: F401 (fixtures)
+from tests.stack import OLD_IMAGE, SHA1, SHA2, STATUS, Stack, push_body
 from tests.support import SECRETS
 
 pytestmark = pytest.mark.e2e
@@ -121,8 +121,7 @@ def test_annotated_tag_is_peeled_with_git_and_built(tmp_path: Path, redis_url: s
     assert commit != tag_object
     s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url=f"file://{repo}")
     try:
-        for role in ("serve", "worker", "watcher"):
-            s.start(role)
+        s.start_all()
         with TektonSimulator(kube, auto_start=0.2, auto_finish=0.5):
             data = json.loads(push_body(sha=tag_object, ref="refs/tags/v1.0.0"))
             data.pop("checkout_sha")

@@ -257,3 +257,25 @@ def test_the_oncall_service_needs_exactly_oncall_rbac(world: OpsWorld, kube_clus
     ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA1, dry_run=True)
     ops.cancel(name, actor=ALICE)
     assert {_permission(r) for r in kube_api.requests} == ONCALL_RBAC
+
+
+def test_a_rollout_overtaken_by_a_newer_deploy_ends_as_superseded(world: OpsWorld) -> None:
+    """Soak finding: with deploys back to back the Deployment never settles on the older image; its check must end."""
+    import time
+
+    from workers.orchestration import RunRef
+
+    _, old_run = world.built("old", sha=SHA1)
+    _, new_run = world.built("new", sha=SHA2, before=SHA1)
+    old, new = RunRef.of(world.finish(old_run)), RunRef.of(world.finish(new_run))
+    world.resolver.ancestry.add((SHA1, SHA2))
+    assert world.orch.deploy(old, "staging", token="d1") == "shop-api"
+    assert world.orch.deploy(new, "staging", token="d2") == "shop-api"  # SHA1 is not newer than SHA2: no refusal
+    assert world.orch.check_rollout(old, "staging", deadline=time.time() + 600, token="c1") is True
+    assert world.host.statuses[-1].state.value == "canceled"
+    assert world.host.statuses[-1].description == "staging: superseded by 22222222 before its rollout finished"
+    deployment = world.cluster.deployments[("staging", "shop-api")]
+    assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2") is False  # still rolling
+    deployment["status"]["observedGeneration"] = deployment["metadata"]["generation"]  # the new ReplicaSet is ready
+    assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2") is True
+    assert world.host.states()[-1] == "deploy/staging:success"

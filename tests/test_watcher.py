@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from broker.errors import StoreUnavailable
 from broker.events import RefKind
 from broker.pipelinerun import RunRequest, render
 from config.settings import parse_routing
@@ -134,3 +135,29 @@ def test_api_errors_back_off_and_recover(kube_api: FakeKubeAPI, tekton: TektonSi
     tekton.start("ci", name)
     recorder.wait("running despite 500s", lambda seen: (name, "Running") in seen)
     assert watcher.stats["errors"] >= 1
+
+
+def test_a_report_that_cannot_be_queued_is_handed_on_again_without_waiting_for_the_resync(
+        kube_api: FakeKubeAPI, kube_cluster: KubeCluster, tekton: TektonSimulator) -> None:
+    """Redis away while submitting: the watcher backs off and replays that event (resync is 30 s away)."""
+    recorder = Recorder()
+    failures = [StoreUnavailable("redis unavailable while queueing"), StoreUnavailable("still away")]
+
+    def submit(obj: dict[str, Any]) -> None:
+        if failures:
+            raise failures.pop(0)
+        recorder(obj)
+
+    watcher = Watcher(kube_cluster, ["ci"], submit=submit, resync_seconds=30, sleep=lambda s: time.sleep(min(s, 0.05)))
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        wait_watches(kube_api, 1)
+        name = kube_api.put(run_object("f" * 40))["metadata"]["name"]
+        tekton.start("ci", name)
+        recorder.wait("running handed on after two failed submits", lambda seen: (name, "Running") in seen)
+        assert failures == [] and watcher.stats["errors"] == 2 and thread.is_alive()
+    finally:
+        watcher.stop.set()
+        kube_api.cut_watches()
+        thread.join(10)

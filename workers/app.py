@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from broker.embedded import kombu_url
+from broker.errors import StoreUnavailable
 from broker.ports import GitHost
 from broker.store import SyncStore
 from config.settings import Settings
@@ -57,7 +59,10 @@ def create_celery(settings: Settings, *, orchestrator: Callable[[Settings], Orch
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": env.visibility_timeout_seconds},
+        # kombu sweeps for a dead worker's unacked tasks only every interval x throttle seconds (10 x 10
+        # by default): a killed worker's task came back up to 100 s after its visibility timeout.
+        broker_transport_options={"visibility_timeout": env.visibility_timeout_seconds,
+                                  "unacked_restore_interval": 5, "unacked_restore_throttle": 1},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         accept_content=["json"],
@@ -80,6 +85,9 @@ def submitter(app: Celery) -> Callable[[dict], None]:
     """What the watcher calls for a run whose state moved: a report task on the queue."""
 
     def submit(obj: dict) -> None:
-        app.send_task(tasks.REPORT_TASK, args=[tasks.snapshot(obj)], queue=app.conf.task_default_queue)
+        try:
+            app.send_task(tasks.REPORT_TASK, args=[tasks.snapshot(obj)], queue=app.conf.task_default_queue)
+        except (OperationalError, OSError) as exc:  # the queue (Redis) is away: the watcher backs off and replays
+            raise StoreUnavailable(f"cannot queue a status report: {type(exc).__name__}: {exc}") from exc
 
     return submit

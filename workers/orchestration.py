@@ -33,6 +33,9 @@ from config.settings import Settings
 
 log = get_logger("cibroker.orchestration")
 CLAIM_TTL = 30 * 86400
+# How long a claimed status post may be in flight before a later state goes anyway (its poster
+# died); longer than the Git host client's own timeouts.
+STATUS_LEASE_SECONDS = 60.0
 SA_CACHE_SECONDS = 60.0
 
 
@@ -276,9 +279,18 @@ class Orchestrator:
         `scope` separates claim histories that may legally start over (a person's re-deploy of a run).
         """
         status_name = name or ref.status_name
-        if not self.store.claim_report(ref.key + scope, status_name, state=state.value, rank=RANK[state], token=token,
-                                       ttl=CLAIM_TTL):
+        claim = self.store.claim_report(ref.key + scope, status_name, state=state.value, rank=RANK[state], token=token,
+                                        ttl=CLAIM_TTL, lease_seconds=STATUS_LEASE_SECONDS)
+        if claim == 0:
             return False
+        if claim < 0:
+            raise Transient(f"{status_name}: an earlier state is still being posted for {ref.sha[:8]}; {state} waits for it")
+        try:
+            return self._post(ref, state, description, status_name=status_name)
+        finally:
+            self.store.release_report(ref.key + scope, status_name, state=state.value, token=token)
+
+    def _post(self, ref: RunRef, state: CommitState, description: str, *, status_name: str) -> bool:
         host = self.git_hosts.get(ref.host)
         if host is None:
             self._log(ref.delivery_id, "status_skipped", f"{status_name} {state}: no API token for host {ref.host}")
@@ -413,6 +425,16 @@ class Orchestrator:
         deployment = self.cluster.get_deployment(namespace=target.namespace, name=target.deployment)
         if deployment is None:
             raise Permanent(f"deployment {target.namespace}/{target.deployment} disappeared during the rollout")
+        current = container_image(deployment, target.container)
+        if current != ref.image:
+            # A newer deploy (or a person) changed the image while this one rolled out: this rollout is over,
+            # and following the Deployment any further would report on somebody else's image.
+            newer = ((deployment.get("metadata") or {}).get("annotations") or {}).get(A_DEPLOYED_SHA, "")
+            reason = f"{environment}: superseded by {newer[:8] or current} before its rollout finished"
+            if self.report(ref, CommitState.CANCELED, reason, token=token, name=status, scope=scope):
+                self._count_deploy(environment, "superseded")
+            self._log(ref.delivery_id, "deploy_superseded", reason)
+            return True
         rollout = rollout_status(deployment)
         if rollout.state is Rollout.COMPLETE:
             if self.report(ref, CommitState.SUCCESS, f"{environment} runs {ref.sha[:8]}: {rollout.message}", token=token,

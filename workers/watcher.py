@@ -68,10 +68,10 @@ class Watcher:
                 ):
                     if self.stop.is_set():
                         return
-                    version = event.resource_version or version
                     self.stats["events"] += 1
                     if event.type in ("ADDED", "MODIFIED"):
                         self.consider(event.object)
+                    version = event.resource_version or version  # only once handed on: a failed submit is replayed
                 version = ""  # the window ended: list again (periodic resync), then watch on
                 failures = 0
             except Expired:
@@ -108,5 +108,10 @@ class Watcher:
             if self._submitted.get(key) is state:
                 return
             self._submitted[key] = state
+        try:
+            self.submit(obj)
+        except CibrokerError:
+            with self._lock:
+                self._submitted.pop(key, None)
+            raise
         self.stats["submitted"] += 1
-        self.submit(obj)

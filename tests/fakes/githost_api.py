@@ -10,6 +10,8 @@ call, so tests assert on what crossed the wire, never on our own objects:
     fake.states(sha, name)         the accepted states for one name/context, in order
     fake.inject(503, times=2, headers={"Retry-After": "7"}, body=...)  next n requests
     fake.inject_hang()             next request gets no answer until release()/stop
+    fake.inject_lost_answer(502)   next request is applied, but the client is answered 502
+                                   (a proxy that timed out after the host did the work)
     fake.down(refuse=True)         refuse connections (or refuse=False: 503 to all) until up()
 
 GitLab's rules (app/services/ci/create_commit_status_service.rb, CommitStatus state machine):
@@ -98,6 +100,8 @@ class _FakeAPI:
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
         self._hangs = 0
+        self._lost: list[int] = []
+        self.hanging = 0  # requests held by inject_hang() right now
         self._release = threading.Event()
         self._mode = "up"
         self._server: ThreadingHTTPServer | None = None
@@ -159,11 +163,22 @@ class _FakeAPI:
         with self._lock:
             self._faults.append(_Fault(status, times, dict(headers or {}), raw))
 
+    @property
+    def unused_faults(self) -> int:
+        """Injected answers (errors, lost answers, hangs) not given yet."""
+        with self._lock:
+            return sum(f.times for f in self._faults) + len(self._lost) + self._hangs
+
     def inject_hang(self, *, times: int = 1) -> None:
         """The next `times` requests get no answer until `release()` (or stop), so clients time out."""
         with self._lock:
             self._hangs += times
             self._release.clear()
+
+    def inject_lost_answer(self, status: int = 502, *, times: int = 1) -> None:
+        """The next `times` requests are applied as usual, then answered `status` instead of the real answer."""
+        with self._lock:
+            self._lost.extend([status] * times)
 
     def release(self) -> None:
         self._release.set()
@@ -194,13 +209,20 @@ class _FakeAPI:
                 self._hangs -= 1
             answer = self._fault() if not hang else None
         if hang:
+            with self._lock:
+                self.hanging += 1
             self._release.wait()
+            with self._lock:
+                self.hanging -= 1
             answer = _Answer(503, b"released")
         if answer is None and self._mode == "503":
             answer = _Answer(503, b"<html><body><h1>503 Service Unavailable</h1></body></html>", {"Content-Type": "text/html"})
         if answer is None:
             with self._lock:
                 answer = self.answer(request.command, request.path, body, request.headers)
+                if self._lost:
+                    answer = _Answer(self._lost.pop(0), b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                     {"Content-Type": "text/html"})
         headers = {k.lower(): self._redact(k, v) for k, v in request.headers.items()}
         with self._lock:
             self.calls.append(Call(request.command, request.path, body, headers, answer.status))
@@ -281,6 +303,15 @@ class FakeGitLab(_FakeAPI):
                 if s == sha and project in (None, pid):
                     found.setdefault((name, ref), []).extend(states)
             return found
+
+    def all_states(self) -> tuple[dict[tuple[str, str], list[str]], dict[tuple[str, str], str]]:
+        """({(sha, name): accepted states in order}, {(sha, name): latest description}) for every commit at once."""
+        with self._lock:
+            states: dict[tuple[str, str], list[str]] = {}
+            for (_, sha, name, _), accepted in self._accepted.items():
+                states.setdefault((sha, name), []).extend(accepted)
+            described = {(o["sha"], o["name"]): o.get("description") or "" for o in self.objects}
+            return states, described
 
     def states(self, sha: str, name: str) -> list[str]:
         return [state for (n, _), states in self.statuses(sha).items() if n == name for state in states]
@@ -382,6 +413,15 @@ class FakeGitHub(_FakeAPI):
                 if s == sha:
                     found.setdefault(context, []).extend(h["state"] for h in history)
             return found
+
+    def all_states(self) -> tuple[dict[tuple[str, str], list[str]], dict[tuple[str, str], str]]:
+        """({(sha, name): accepted states in order}, {(sha, name): latest description}) for every commit at once."""
+        with self._lock:
+            states: dict[tuple[str, str], list[str]] = {}
+            for (_, sha, name, _), accepted in self._accepted.items():
+                states.setdefault((sha, name), []).extend(accepted)
+            described = {(o["sha"], o["name"]): o.get("description") or "" for o in self.objects}
+            return states, described
 
     def states(self, sha: str, name: str) -> list[str]:
         return self.statuses(sha).get(name, [])

@@ -15,7 +15,7 @@ clean end at `timeoutSeconds`.
 Test controls: `inject()` answers matching requests with an error, `delay()` slows them,
 `compact()` forgets history, `cut_watches()` drops open watch connections mid-stream,
 `send_bookmarks()` makes every bookmark-enabled watch emit one now, `requests` logs every
-call and `open_watches` counts streams. In-process `put/get/list/mutate/delete/wait_for`
+call, `open_watches` counts streams and `unused_faults()` lists injections not met yet. In-process `put/get/list/mutate/delete/wait_for`
 read and write the store without HTTP (and without being logged), for seeding and for the
 simulators in tekton.py and rollout.py.
 """
@@ -152,6 +152,11 @@ class FakeKubeAPI:
         """Hold matching requests for `seconds` before answering them."""
         with self._rules_lock:
             self._delays.append(_Rule(method, re.compile(path_regex), times, seconds=seconds))
+
+    def unused_faults(self) -> list[str]:
+        """Injected answers not yet given (method, path regex, status, times left): a test's faults were all met when empty."""
+        with self._rules_lock:
+            return [f"{r.method} {r.pattern.pattern} {r.status} x{r.times}" for r in self._faults if r.times]
 
     def compact(self) -> None:
         """Drop the watch history: resuming from an older resourceVersion now answers 410 Gone."""
