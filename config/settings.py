@@ -44,7 +44,8 @@ class EnvSettings(BaseModel):
     api_tokens: SecretStr | None = None
     tekton_api_version: Literal["v1", "v1beta1"] = "v1"
     resync_seconds: Annotated[int, Field(ge=5, le=3600)] = 60
-    visibility_timeout_seconds: Annotated[int, Field(ge=5)] = 3600
+    # Above the longest retry countdown (tasks.BACKOFF_CAP, 300 s), or kombu redelivers waiting retries early.
+    visibility_timeout_seconds: Annotated[int, Field(ge=5)] = 600
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> EnvSettings:

@@ -161,3 +161,27 @@ def test_a_report_that_cannot_be_queued_is_handed_on_again_without_waiting_for_t
         watcher.stop.set()
         kube_api.cut_watches()
         thread.join(10)
+
+
+def test_resyncs_do_not_queue_the_same_report_again_while_it_is_under_way() -> None:
+    """A lagging report is submitted once per state, and again only after resubmit_seconds (it failed for good)."""
+    from tests.fakes.ports import FakeCluster
+
+    cluster = FakeCluster()
+    cluster.runs[("ci", "r1")] = {"metadata": {"name": "r1", "namespace": "ci", "labels": {"app.kubernetes.io/managed-by": "cibroker"},
+                                               "annotations": {"cibroker.dev/reported": "pending"}},
+                                  "status": {"conditions": [{"type": "Succeeded", "status": "Unknown", "reason": "Running"}]}}
+    now = [1000.0]
+    submitted: list[str] = []
+    watcher = Watcher(cluster, ["ci"], submit=lambda obj: submitted.append(obj["metadata"]["name"]), resync_seconds=5,
+                      resubmit_seconds=300, clock=lambda: now[0])
+    for _ in range(10):  # ten resyncs while the report waits in a long queue
+        watcher.resync("ci")
+        now[0] += 5
+    assert submitted == ["r1"]
+    cluster.set_condition("ci", "r1", "True", "Succeeded")
+    watcher.resync("ci")
+    assert submitted == ["r1", "r1"]  # a new state is submitted at once
+    now[0] += 301
+    watcher.resync("ci")
+    assert submitted == ["r1", "r1", "r1"]  # that report never landed: try again

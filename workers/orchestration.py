@@ -35,7 +35,7 @@ log = get_logger("cibroker.orchestration")
 CLAIM_TTL = 30 * 86400
 # How long a claimed status post may be in flight before a later state goes anyway (its poster
 # died); longer than the Git host client's own timeouts.
-STATUS_LEASE_SECONDS = 60.0
+STATUS_LEASE_SECONDS = 30.0
 SA_CACHE_SECONDS = 60.0
 
 

@@ -52,7 +52,8 @@ def retrying(task: Task, what: str, count: Callable[[list[tuple[str, str, float]
     try:
         yield
     except Transient as exc:
-        countdown = exc.retry_after if exc.retry_after is not None else backoff(task.request.retries)
+        # A peer's Retry-After is honoured up to the cap: a longer wait would outlive the visibility timeout.
+        countdown = min(exc.retry_after, BACKOFF_CAP) if exc.retry_after is not None else backoff(task.request.retries)
         if exc.retry_after is not None and count is not None:
             short = task.name.removeprefix("cibroker.")
             count([(metrics.RATE_LIMIT_WAITS.name, metrics.RATE_LIMIT_WAITS.field((short,)), 1.0),

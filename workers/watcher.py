@@ -9,12 +9,18 @@ leaves a commit pending. Connections are O(namespaces), not O(runs).
 The watcher itself posts nothing: it submits a snapshot of each run whose state moved
 past what its annotation says was reported, and a Celery task reports it. Two
 watchers are safe: reports are claimed in order, so duplicates are no-ops.
+
+A run is submitted once per state; a resync submits it again only when that report has
+not landed within `resubmit_seconds` (a report that failed for good). Resubmitting on
+every resync fed back on itself: under a backlog, every resync queued another report
+per lagging run (the soak saw 107,000 queued reports for 8,500 runs).
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,7 +42,9 @@ class Watcher:
         *,
         submit: Callable[[Mapping[str, Any]], None],
         resync_seconds: int = 60,
+        resubmit_seconds: float | None = None,
         sleep: Callable[[float], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = cluster
         self.namespaces = sorted(set(namespaces))
@@ -45,7 +53,9 @@ class Watcher:
         self.stop = threading.Event()
         self._sleep = sleep or self.stop.wait
         self._lock = threading.Lock()
-        self._submitted: dict[str, CommitState] = {}
+        self.resubmit_seconds = resubmit_seconds if resubmit_seconds is not None else max(300.0, 5.0 * resync_seconds)
+        self._clock = clock
+        self._submitted: dict[str, tuple[CommitState, float]] = {}  # run -> (state submitted, when)
         self.stats = {"lists": 0, "watches": 0, "events": 0, "submitted": 0, "expired": 0, "errors": 0}
 
     def run(self) -> None:
@@ -88,8 +98,9 @@ class Watcher:
     def resync(self, namespace: str) -> str:
         items, version = self.cluster.list_pipelineruns(namespace=namespace, selector=SELECTOR)
         self.stats["lists"] += 1
-        with self._lock:  # anything still unreported is submitted again after a resync
-            for key in [k for k in self._submitted if k.startswith(f"{namespace}/")]:
+        with self._lock:  # forget runs that are gone (deleted before their end was reported)
+            horizon = self._clock() - 2 * self.resubmit_seconds
+            for key in [k for k, (_, at) in self._submitted.items() if k.startswith(f"{namespace}/") and at < horizon]:
                 del self._submitted[key]
         for obj in items:
             self.consider(obj)
@@ -105,9 +116,11 @@ class Watcher:
                 if is_final(reported):
                     self._submitted.pop(key, None)
                 return
-            if self._submitted.get(key) is state:
-                return
-            self._submitted[key] = state
+            now = self._clock()
+            previous = self._submitted.get(key)
+            if previous is not None and previous[0] is state and now - previous[1] < self.resubmit_seconds:
+                return  # submitted already; its report is queued or under way
+            self._submitted[key] = (state, now)
         try:
             self.submit(obj)
         except CibrokerError:
