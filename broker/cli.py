@@ -135,7 +135,13 @@ def watcher(config: ConfigOption = None) -> None:
         cluster = KubeCluster.from_environment(tekton_version=settings.env.tekton_api_version)
     except Exception as exc:  # the kubernetes client raises its own ConfigException types
         raise fail(f"no Kubernetes configuration (KUBECONFIG or in-cluster): {exc}", 2) from None
-    w = Watcher(cluster, namespaces, submit=submitter(create_celery(settings)), resync_seconds=settings.env.resync_seconds)
+    from broker.store import SyncStore
+    from workers.app import sweeper
+
+    assert settings.env.redis_url is not None
+    store_ = SyncStore(settings.env.redis_url.get_secret_value(), timeout=settings.env.redis_timeout_seconds)
+    w = Watcher(cluster, namespaces, submit=submitter(create_celery(settings)), resync_seconds=settings.env.resync_seconds,
+                sweep=sweeper(settings, store_))
     try:
         w.run()
     except KeyboardInterrupt:

@@ -94,6 +94,17 @@ def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def _task_id(raw: bytes, *, wrapped: bool = False) -> str:
+    """The Celery task id of a queued message (or of kombu's unacked entry: [message, exchange, routing key])."""
+    try:
+        message = json.loads(raw)
+        if wrapped:
+            message = json.loads(message[0]) if isinstance(message[0], str) else message[0]
+        return str(message["headers"]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
 def decode_delivery(fields: Mapping[bytes, bytes], log: list[bytes]) -> dict[str, Any] | None:
     """The stored record with its state, duplicate count and decision log, or None."""
     if not fields or b"record" not in fields:
@@ -319,6 +330,48 @@ class SyncStore:
         with self._errors("reading the audit log"):
             raw = self._client.zrevrange(AUDIT_KEY, 0, limit - 1)
         return [json.loads(item) for item in raw]
+
+    def stranded(self, *, queue: str, older_than: float, max_queue: int = 2000, horizon: float = 86400.0) -> list[dict[str, Any]]:
+        """Accepted deliveries still `queued` after `older_than` s whose task is neither queued nor taken.
+
+        kombu's Redis transport pops a message (BRPOP) and only then records it as unacked, so a
+        worker killed between the two loses it. Those deliveries are found here: still `queued`,
+        and their task id is in neither the queue list nor kombu's `unacked` hash. With a long
+        queue (a backlog) nothing is reported, since reading it whole would cost too much.
+        """
+        now_ms = int(time.time() * 1000)
+        with self._errors("looking for stranded deliveries"):
+            ids = self._client.zrangebyscore(INDEX_KEY, now_ms - int(horizon * 1000), now_ms - int(older_than * 1000),
+                                             start=0, num=5000)
+            if not ids:
+                return []
+            pipe = self._client.pipeline(transaction=False)
+            for delivery_id in ids:
+                pipe.hget(record_key(delivery_id.decode()), "state")
+            states = pipe.execute()
+            queued = [d.decode() for d, st in zip(ids, states, strict=True) if st == b"queued"]
+            if not queued or self._client.llen(queue) > max_queue:
+                return []
+            pipe = self._client.pipeline(transaction=False)
+            pipe.lrange(queue, 0, -1)
+            pipe.hvals("unacked")
+            waiting, taken = pipe.execute()
+            present = {_task_id(raw) for raw in waiting} | {_task_id(raw, wrapped=True) for raw in taken}
+            out = []
+            for delivery_id in queued:
+                if delivery_id in present:
+                    continue
+                fields = self._client.hgetall(record_key(delivery_id))
+                if fields.get(b"state") == b"queued" and b"record" in fields:  # still: not started meanwhile
+                    out.append(json.loads(fields[b"record"]))
+        return out
+
+    def requeue(self, delivery_id: str, *, queue: str, message: str, entry: dict[str, Any]) -> None:
+        with self._errors("requeueing a delivery"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.rpush(log_key(delivery_id), _dumps(entry))
+            pipe.lpush(queue, message)
+            pipe.execute()
 
     def queue_depth(self, queue: str) -> int:
         with self._errors("reading the queue depth"):

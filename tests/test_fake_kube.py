@@ -85,6 +85,18 @@ def test_label_selectors_match_like_the_api_server(custom: kubernetes.client.Cus
     assert [i["metadata"]["name"] for i in answer["items"]] == expected
 
 
+def test_equality_selectors_follow_label_changes_and_deletes(custom: kubernetes.client.CustomObjectsApi) -> None:
+    """The fake's label index (equality selectors skip the full scan) stays right when labels move."""
+    create(custom, run("one", team="a"))
+    names = lambda sel: [i["metadata"]["name"] for i in  # noqa: E731
+                         custom.list_namespaced_custom_object("tekton.dev", "v1", NS, "pipelineruns", label_selector=sel)["items"]]
+    assert names("team=a") == ["one"]
+    custom.patch_namespaced_custom_object("tekton.dev", "v1", NS, "pipelineruns", "one", {"metadata": {"labels": {"team": "b"}}})
+    assert (names("team=a"), names("team=b")) == ([], ["one"])
+    custom.delete_namespaced_custom_object("tekton.dev", "v1", NS, "pipelineruns", "one")
+    assert names("team=b") == []
+
+
 def test_an_unparseable_selector_is_400(custom: kubernetes.client.CustomObjectsApi) -> None:
     """A selector the API cannot parse is answered 400 BadRequest."""
     with pytest.raises(ApiException) as caught:

@@ -279,3 +279,24 @@ def test_a_rollout_overtaken_by_a_newer_deploy_ends_as_superseded(world: OpsWorl
     deployment["status"]["observedGeneration"] = deployment["metadata"]["generation"]  # the new ReplicaSet is ready
     assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2") is True
     assert world.host.states()[-1] == "deploy/staging:success"
+
+
+def test_a_delivery_whose_task_a_dying_worker_took_is_queued_again_once(world: OpsWorld) -> None:
+    """kombu pops a message before recording it as unacked: a kill -9 in between loses it. The sweep finds it."""
+    import json as _json
+
+    from workers.app import sweeper
+
+    delivery = world.push("lost")
+    sweep = sweeper(world.settings, world.orch.store, older_than=0)
+    assert sweep() == 0  # its task still waits in the queue
+    raw = world.redis.rpop(world.settings.env.queue)  # a worker took it...
+    world.redis.hset("unacked", "tag-1", _json.dumps([_json.loads(raw), "", world.settings.env.queue]))
+    assert sweep() == 0  # ...and recorded it as unacked: it is being worked on (or comes back by itself)
+    world.redis.delete("unacked")  # ...or died before recording it: the task is nowhere
+    assert sweep() == 1
+    [(task, args)] = world.take_tasks()
+    assert (task, args) == ("cibroker.process_delivery", [delivery])
+    assert world.ops.delivery(delivery)["log"][-1]["step"] == "requeued"
+    world.orch.start(delivery, token=delivery)
+    assert len(world.cluster.runs) == 1 and sweep() == 0  # started: nothing to do any more

@@ -8,6 +8,7 @@ adapters) is built once per worker process, on first use.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from broker.embedded import kombu_url
+from broker.logging import get_logger
 from broker.errors import StoreUnavailable
 from broker.ports import GitHost
 from broker.store import SyncStore
 from config.settings import Settings
 from workers import tasks
 from workers.orchestration import Orchestrator
+
+log = get_logger("cibroker.app")
+
 
 def git_hosts(settings: Settings) -> dict[str, GitHost]:
     """A status adapter for every host whose API token is set (hosts without one only get logged)."""
@@ -91,3 +96,36 @@ def submitter(app: Celery) -> Callable[[dict], None]:
             raise StoreUnavailable(f"cannot queue a status report: {type(exc).__name__}: {exc}") from exc
 
     return submit
+
+
+STRANDED_AFTER_SECONDS = 120.0
+
+
+def sweeper(settings: Settings, store: SyncStore, *, older_than: float | None = None) -> Callable[[], int]:
+    """What the watcher runs every resync: queue again the deliveries whose task a dying worker took with it.
+
+    kombu's Redis transport pops a message before it records it as unacked; a worker killed in
+    between loses it (celery/kombu#1836 and others). Such a delivery stays `queued` with its task
+    nowhere: it is queued again under its own task id, so the worker's idempotent path (one
+    PipelineRun per push, ordered status claims keyed by that id) makes it happen exactly once.
+    """
+    from broker.delivery import PROCESS_TASK, log_entry
+    from broker.taskmessage import task_message
+
+    queue = settings.env.queue
+    if older_than is None:
+        older_than = max(STRANDED_AFTER_SECONDS, 2.0 * settings.env.resync_seconds)
+
+    def sweep() -> int:
+        found = store.stranded(queue=queue, older_than=older_than)
+        for record in found:
+            delivery_id = record["delivery_id"]
+            args: list[object] = [delivery_id] if not record.get("attempt") else [delivery_id, int(record["attempt"])]
+            message = task_message(task=PROCESS_TASK, task_id=delivery_id, args=args, queue=queue, origin="cibroker-watcher")
+            store.requeue(delivery_id, queue=queue, message=message, entry=log_entry(
+                "requeued", f"still queued after {older_than:.0f} s and its task was neither waiting nor taken "
+                "(a worker died while taking it): queued again", at=time.time()))
+            log.warning("delivery_requeued", delivery_id=delivery_id, waited_seconds=older_than)
+        return len(found)
+
+    return sweep

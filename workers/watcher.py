@@ -45,6 +45,7 @@ class Watcher:
         resubmit_seconds: float | None = None,
         sleep: Callable[[float], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sweep: Callable[[], int] | None = None,
     ) -> None:
         self.cluster = cluster
         self.namespaces = sorted(set(namespaces))
@@ -56,15 +57,26 @@ class Watcher:
         self.resubmit_seconds = resubmit_seconds if resubmit_seconds is not None else max(300.0, 5.0 * resync_seconds)
         self._clock = clock
         self._submitted: dict[str, tuple[CommitState, float]] = {}  # run -> (state submitted, when)
+        self.sweep = sweep  # every resync period: deliveries whose task was lost are queued again
         self.stats = {"lists": 0, "watches": 0, "events": 0, "submitted": 0, "expired": 0, "errors": 0}
 
     def run(self) -> None:
         """Follow every namespace until `stop` is set (one thread per namespace)."""
         threads = [threading.Thread(target=self.follow, args=(ns,), name=f"watch-{ns}", daemon=True) for ns in self.namespaces]
+        if self.sweep is not None:
+            threading.Thread(target=self._sweeping, name="sweep", daemon=True).start()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+
+    def _sweeping(self) -> None:
+        assert self.sweep is not None
+        while not self.stop.wait(self.resync_seconds):
+            try:
+                self.sweep()
+            except CibrokerError as exc:  # Redis away: the next period tries again
+                log.warning("sweep_failed", error=str(exc))
 
     def follow(self, namespace: str) -> None:
         version, failures = "", 0

@@ -147,6 +147,8 @@ class Store:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._objects: dict[tuple[str, str, str], Obj] = {}
+        # (plural, namespace, label key, label value) -> object keys: equality selectors without a full scan
+        self._by_label: dict[tuple[str, str, str, str], set[tuple[str, str, str]]] = {}
         self._rv = first_resource_version
         self._history: deque[Change] = deque()
         self._history_limit = history_limit
@@ -173,8 +175,15 @@ class Store:
 
     def list(self, plural: str, namespace: str | None, selector: str = "") -> tuple[list[Obj], int]:
         match = _parse_selector(selector)
+        equalities = _equalities(selector)
         with self._lock:
-            items = [copy.deepcopy(o) for (p, ns, _), o in self._objects.items()
+            if namespace is not None and equalities:
+                # Like the API server's indexed lookups: start from the smallest label set; `match` still decides.
+                candidates = min((self._by_label.get((plural, namespace, k, v), set()) for k, v in equalities), key=len)
+                objects = [(k, self._objects[k]) for k in candidates]
+            else:
+                objects = list(self._objects.items())
+            items = [copy.deepcopy(o) for (p, ns, _), o in objects
                      if p == plural and namespace in (None, ns) and match(labels_of(o))]
             return sorted(items, key=lambda o: int(o["metadata"]["resourceVersion"])), self._rv
 
@@ -304,10 +313,16 @@ class Store:
         self._rv += 1
         new["metadata"]["resourceVersion"] = str(self._rv)
         key = (plural, namespace, new["metadata"]["name"])
+        previous = self._objects.get(key)
+        if previous is not None:
+            for label in labels_of(previous).items():
+                self._by_label.get((plural, namespace, *label), set()).discard(key)
         if kind == "DELETED":
             del self._objects[key]
         else:
             self._objects[key] = new
+            for label in labels_of(new).items():
+                self._by_label.setdefault((plural, namespace, *label), set()).add(key)
         change = Change(self._rv, kind, plural, namespace, copy.deepcopy(old), copy.deepcopy(new))
         self._history.append(change)
         while len(self._history) > self._history_limit:
@@ -428,6 +443,18 @@ def _validate(resource: Resource, obj: Obj) -> None:
         if not isinstance(value, str):
             raise ApiError(400, "json: cannot unmarshal non-string into Go struct field ObjectMeta."
                                 "metadata.annotations of type string")
+
+
+def _equalities(selector: str) -> list[tuple[str, str]]:
+    """(key, value) pairs when the selector is only `k=v` / `k==v` terms, else []."""
+    pairs = []
+    for part in (selector or "").split(","):
+        key, sep, value = part.strip().partition("=")
+        value = value.removeprefix("=")
+        if not sep or not key or key.endswith("!") or not value or any(c in part for c in "()!") :
+            return []
+        pairs.append((key.strip(), value.strip()))
+    return pairs
 
 
 def _parse_selector(selector: str) -> selectors.Requirement:
