@@ -341,15 +341,19 @@ class SyncStore:
         """
         now_ms = int(time.time() * 1000)
         with self._errors("looking for stranded deliveries"):
-            ids = self._client.zrangebyscore(INDEX_KEY, now_ms - int(horizon * 1000), now_ms - int(older_than * 1000),
-                                             start=0, num=5000)
-            if not ids:
-                return []
-            pipe = self._client.pipeline(transaction=False)
-            for delivery_id in ids:
-                pipe.hget(record_key(delivery_id.decode()), "state")
-            states = pipe.execute()
-            queued = [d.decode() for d, st in zip(ids, states, strict=True) if st == b"queued"]
+            queued: list[str] = []
+            offset, page = 0, 2000
+            while True:  # every delivery of the window, a page at a time (a state read per delivery)
+                ids = self._client.zrangebyscore(INDEX_KEY, now_ms - int(horizon * 1000), now_ms - int(older_than * 1000),
+                                                 start=offset, num=page)
+                if not ids:
+                    break
+                pipe = self._client.pipeline(transaction=False)
+                for delivery_id in ids:
+                    pipe.hget(record_key(delivery_id.decode()), "state")
+                states = pipe.execute()
+                queued += [d.decode() for d, st in zip(ids, states, strict=True) if st == b"queued"]
+                offset += len(ids)
             if not queued or self._client.llen(queue) > max_queue:
                 return []
             pipe = self._client.pipeline(transaction=False)

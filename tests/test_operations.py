@@ -300,3 +300,17 @@ def test_a_delivery_whose_task_a_dying_worker_took_is_queued_again_once(world: O
     assert world.ops.delivery(delivery)["log"][-1]["step"] == "requeued"
     world.orch.start(delivery, token=delivery)
     assert len(world.cluster.runs) == 1 and sweep() == 0  # started: nothing to do any more
+
+
+def test_the_sweep_looks_at_every_delivery_of_the_window_not_only_the_oldest(world: OpsWorld) -> None:
+    """Soak finding: the first version read only the oldest 5,000 index entries and missed a lost delivery."""
+    from workers.app import sweeper
+
+    import time
+
+    earlier = int(time.time() * 1000) - 60_000
+    world.redis.zadd("cibroker:deliveries", {f"{i:026x}": earlier for i in range(5200)})  # a busy minute, all started
+    delivery = world.push("late")
+    world.redis.rpop(world.settings.env.queue)  # taken by a worker that died before recording it
+    assert sweeper(world.settings, world.orch.store, older_than=0)() == 1
+    assert world.take_tasks() == [("cibroker.process_delivery", [delivery])]
