@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -128,9 +129,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system, with reaped children) of every process in a process group, from /proc."""
-    ticks = 0
+def group_members(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, /proc/<pid>/stat fields from field 3 on) of every live process in a process group."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -140,7 +140,12 @@ def cpu_seconds(pgid: int) -> float:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
         if int(fields[2]) == pgid:
-            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+            yield int(entry), fields
+
+
+def cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system, with reaped children) of every process in a process group, from /proc."""
+    ticks = sum(sum(int(f) for f in fields[11:15]) for _, fields in group_members(pgid))  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -65,6 +65,7 @@ from ingest import (
     _run_text,
     cpu_seconds,
     flush,
+    group_members,
     free_port,
     machine,
     tail,
@@ -152,17 +153,7 @@ def proc_status_kb(pid: int, field_name: str) -> int | None:
 
 def group_rss_kb(pgid: int) -> int:
     """VmRSS summed over a process group (a Celery worker and its pool children)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:
-            total += proc_status_kb(int(entry), "VmRSS") or 0
-    return total
+    return sum(proc_status_kb(pid, "VmRSS") or 0 for pid, _ in group_members(pgid))
 
 
 def versions() -> dict[str, str]:

@@ -126,6 +126,12 @@ def _flag(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+def _rerun_options(body: dict[str, Any]) -> dict[str, Any]:
+    """reason, deploy_only, dry_run and route of a re-run request; Permanent when one is malformed."""
+    return {"reason": _text(body, "reason") or "", "deploy_only": _flag(body, "deploy_only"),
+            "dry_run": _flag(body, "dry_run"), "route": _text(body, "route", limit=63)}
+
+
 def _run_key(request: Request) -> str | Response:
     namespace = request.path_params.get("namespace", "")
     name = request.path_params["name"]
@@ -178,15 +184,22 @@ def api_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
         key = _run_key(request)
         return key if isinstance(key, Response) else await call(ops().run, key)
 
+    async def run_request(request: Request) -> tuple[str, dict[str, Any]] | Response:
+        """The run named in the path and the JSON body, or the answer that refuses them."""
+        key = _run_key(request)
+        if isinstance(key, Response):
+            return key
+        body = await _body(request)
+        return body if isinstance(body, Response) else (key, body)
+
     @guarded
     async def rerun_run(request: Request, actor: Actor) -> Response:
-        key = _run_key(request)
-        body = await _body(request)
-        if isinstance(key, Response) or isinstance(body, Response):
-            return key if isinstance(key, Response) else body  # type: ignore[return-value]
+        asked = await run_request(request)
+        if isinstance(asked, Response):
+            return asked
+        key, body = asked
         try:
-            options = {"reason": _text(body, "reason") or "", "deploy_only": _flag(body, "deploy_only"),
-                       "dry_run": _flag(body, "dry_run"), "route": _text(body, "route", limit=63)}
+            options = _rerun_options(body)
         except Permanent as exc:
             return json_answer(400, {"error": str(exc)})
         return await call(ops().rerun, actor=actor, run=key, **options)
@@ -197,8 +210,8 @@ def api_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
         if isinstance(body, Response):
             return body
         try:
-            options = {key: _text(body, key, limit=255) for key in ("delivery_id", "repo", "sha", "ref", "route", "run")}
-            options.update(reason=_text(body, "reason") or "", deploy_only=_flag(body, "deploy_only"), dry_run=_flag(body, "dry_run"))
+            options = {key: _text(body, key, limit=255) for key in ("delivery_id", "repo", "sha", "ref", "run")}
+            options.update(_rerun_options(body))
         except Permanent as exc:
             return json_answer(400, {"error": str(exc)})
         if options["delivery_id"] is not None and not DELIVERY_ID.match(options["delivery_id"]):
@@ -207,10 +220,10 @@ def api_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
 
     @guarded
     async def cancel_run(request: Request, actor: Actor) -> Response:
-        key = _run_key(request)
-        body = await _body(request)
-        if isinstance(key, Response) or isinstance(body, Response):
-            return key if isinstance(key, Response) else body  # type: ignore[return-value]
+        asked = await run_request(request)
+        if isinstance(asked, Response):
+            return asked
+        key, body = asked
         try:
             reason = _text(body, "reason") or ""
         except Permanent as exc:

@@ -135,13 +135,11 @@ def watcher(config: ConfigOption = None) -> None:
         cluster = KubeCluster.from_environment(tekton_version=settings.env.tekton_api_version)
     except Exception as exc:  # the kubernetes client raises its own ConfigException types
         raise fail(f"no Kubernetes configuration (KUBECONFIG or in-cluster): {exc}", 2) from None
-    from broker.store import SyncStore
     from workers.app import sweeper
+    from workers.wiring import store_for
 
-    assert settings.env.redis_url is not None
-    store_ = SyncStore(settings.env.redis_url.get_secret_value(), timeout=settings.env.redis_timeout_seconds)
     w = Watcher(cluster, namespaces, submit=submitter(create_celery(settings)), resync_seconds=settings.env.resync_seconds,
-                sweep=sweeper(settings, store_))
+                sweep=sweeper(settings, store_for(settings)))
     try:
         w.run()
     except KeyboardInterrupt:
@@ -182,13 +180,11 @@ def dev(
     def orchestrator(s: Settings) -> Any:
         if not dry_run:
             return default_orchestrator(s)
-        from broker.store import SyncStore
         from workers.orchestration import Orchestrator
-        from workers.wiring import resolver_or_none
+        from workers.wiring import resolver_or_none, store_for
 
-        assert s.env.redis_url is not None
-        return Orchestrator(settings=s, store=SyncStore(s.env.redis_url.get_secret_value(), timeout=s.env.redis_timeout_seconds),
-                            cluster=None, git_hosts={}, resolver=resolver_or_none(s), dry_run=True)  # type: ignore[arg-type]
+        return Orchestrator(settings=s, store=store_for(s), cluster=None, git_hosts={}, resolver=resolver_or_none(s),  # type: ignore[arg-type]
+                            dry_run=True)
 
     celery = create_celery(settings, orchestrator=orchestrator)
     if not dry_run:

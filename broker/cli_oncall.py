@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.errors import Permanent, StoreUnavailable, Transient
-from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
+from broker.operations import Actor, NoCluster, NotFound, Refused, epoch, span
 
 COLOURS = {"success": "green", "failed": "red", "canceled": "yellow", "running": "cyan", "pending": "bright_black",
            "accepted": "green", "ignored": "bright_black", "queued": "cyan"}
@@ -65,24 +65,11 @@ def table(columns: list[str], rows: list[list[str]], *, state_column: str | None
 
 
 def age(iso_time: str | None, *, now: float) -> str:
-    if not iso_time:
-        return "-"
-    try:
-        then = time.mktime(time.strptime(iso_time[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
-    except ValueError:
-        return "-"
-    return seconds(now - then)
+    then = epoch(iso_time)
+    return "-" if then is None else seconds(now - then)
 
 
-def seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    value = max(0, int(value))
-    if value < 120:
-        return f"{value}s"
-    if value < 7200:
-        return f"{value // 60}m{value % 60:02d}s"
-    return f"{value // 3600}h{value % 3600 // 60:02d}m"
+seconds = span
 
 
 class Backend:
@@ -90,26 +77,19 @@ class Backend:
 
     def __init__(self, *, config: Path | None, server: str | None, token: str | None,
                  settings_for: Callable[[Path | None], Any], with_store: Callable[[Any], Any]) -> None:
-        self.remote = server is not None
-        self.user = getpass.getuser()
-        self.actor = Actor(who=f"{self.user}@{socket.gethostname()}", channel="cli")
+        self.actor = Actor(who=f"{getpass.getuser()}@{socket.gethostname()}", channel="cli")
         if server is not None:
             from broker.client import ApiClient
 
             self.service: Any = ApiClient(server, token=token, actor=self.actor.who)
-            self.settings = None
             return
         from broker.logging import configure
         from workers.wiring import default_operations
 
         settings = settings_for(config)
         configure(fmt=settings.env.log_format, level="warning")
-        self.settings, _ = with_store(settings)
-        self.service = default_operations(self.settings)
-
-    @property
-    def ops(self) -> Operations:
-        return self.service  # type: ignore[no-any-return]
+        settings, _ = with_store(settings)
+        self.service = default_operations(settings)
 
 
 @contextmanager

@@ -17,7 +17,6 @@ token typed into a form is never echoed back.
 
 from __future__ import annotations
 
-import calendar
 import secrets
 import time
 from collections import defaultdict
@@ -35,7 +34,8 @@ from starlette.routing import Route
 
 from broker.api import ACTOR, DELIVERY_ID, NAME, STATES, ApiAuth
 from broker.errors import Permanent, StoreUnavailable, Transient
-from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
+from broker.operations import Actor, NoCluster, NotFound, Operations, Refused, epoch
+from broker.operations import span as shared_span
 
 FRAGMENT_HEADER = "x-dashboard-fragment"
 REFRESH_MS = 2500
@@ -57,31 +57,12 @@ _templates = jinja2.Environment(
 )
 
 
-def _epoch(iso_time: str | None) -> float | None:
-    if not iso_time:
-        return None
-    try:
-        return float(calendar.timegm(time.strptime(iso_time[:19], "%Y-%m-%dT%H:%M:%S")))
-    except ValueError:
-        return None
-
-
 def span(value: float | None) -> str:
-    """12s, 3m05s, 2h10m, 3d04h: short enough for a table cell."""
-    if value is None:
-        return "–"
-    value = max(0, int(value))
-    if value < 120:
-        return f"{value}s"
-    if value < 7200:
-        return f"{value // 60}m{value % 60:02d}s"
-    if value < 172800:
-        return f"{value // 3600}h{value % 3600 // 60:02d}m"
-    return f"{value // 86400}d{value % 86400 // 3600:02d}h"
+    return shared_span(value, missing="–")
 
 
 def _age(iso_time: str | None, now: float) -> str:
-    then = _epoch(iso_time)
+    then = epoch(iso_time)
     return "–" if then is None else span(now - then)
 
 

@@ -13,19 +13,21 @@ Every action is written to the audit log (who, when, what, why) before it is don
 
 from __future__ import annotations
 
+import calendar
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker import delivery
+from broker import delivery, metrics
 from broker import pipelinerun as pr
 from broker.errors import Permanent
 from broker.events import RefKind
 from broker.ports import Cluster, CommitResolver, CommitState
 from broker.reporting import describe, failing_task, is_final, run_state, succeeded_condition
-from broker.routing import ref_selected
+from broker.routing import glob_match, ref_selected
 from broker.store import SyncStore
 from broker.taskmessage import task_message
 from config.routing import Route
@@ -67,20 +69,35 @@ def git_auth(settings: Settings, host_id: str) -> tuple[str, str] | None:
     return GIT_USERNAMES[host.kind], creds.token.get_secret_value()
 
 
-def _iso_seconds(value: str | None) -> float | None:
-    if not value:
+def epoch(iso_time: str | None) -> float | None:
+    """Seconds since the epoch of a Kubernetes / delivery-record UTC time (`2026-11-22T10:01:02...`), or None."""
+    if not iso_time:
         return None
     try:
-        return time.mktime(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        return float(calendar.timegm(time.strptime(iso_time[:19], "%Y-%m-%dT%H:%M:%S")))
     except ValueError:
         return None
 
 
+def span(value: float | None, *, missing: str = "-") -> str:
+    """12s, 3m05s, 2h10m, 3d04h: a duration short enough for a table cell."""
+    if value is None:
+        return missing
+    value = max(0, int(value))
+    if value < 120:
+        return f"{value}s"
+    if value < 7200:
+        return f"{value // 60}m{value % 60:02d}s"
+    if value < 172800:
+        return f"{value // 3600}h{value % 3600 // 60:02d}m"
+    return f"{value // 86400}d{value % 86400 // 3600:02d}h"
+
+
 def duration(start: str | None, end: str | None, *, now: float) -> float | None:
-    begun = _iso_seconds(start)
+    begun = epoch(start)
     if begun is None:
         return None
-    ended = _iso_seconds(end)
+    ended = epoch(end)
     return round((ended if ended is not None else now) - begun, 1)
 
 
@@ -143,6 +160,16 @@ def summarize_taskrun(obj: Mapping[str, Any], *, now: float) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What a re-run re-runs: the push, the routes, how to say it, and the delivery it came from (if known)."""
+
+    push: dict[str, Any]
+    routes: list[str]
+    what: str
+    delivery_id: str | None
+
+
 @dataclass
 class Operations:
     settings: Settings
@@ -179,7 +206,7 @@ class Operations:
             if not page:
                 break
             scanned += len(page)
-            for found, _ in page:
+            for found in page:
                 if found is None or found["delivery_id"] in seen:  # expired; or newer deliveries shifted the offsets
                     continue
                 seen.add(found["delivery_id"])
@@ -256,19 +283,18 @@ class Operations:
     # ---- re-run ------------------------------------------------------------------------------
 
     def _source(self, *, delivery_id: str | None, run: str | None, repo: str | None, sha: str | None,
-                ref: str | None, route: str | None) -> tuple[dict[str, Any], list[str], str]:
-        """(push, route names, what it re-runs) for the forms of `cibroker rerun`."""
+                ref: str | None, route: str | None) -> Source:
+        """What the forms of `cibroker rerun` point at."""
         if run:
-            obj = self._find_run(run)
-            return self._push_of_run(obj), [route or summarize_run(obj, now=0)["route"]], f"PipelineRun {run}"
+            return self._source_of_run(self._find_run(run), route, f"PipelineRun {run}")
         if delivery_id:
             found = self.store.get(delivery_id)
             if found is None:
                 raise NotFound(f"no delivery {delivery_id} (unknown, or older than the retention period)")
             if found["decision"] != "accepted" or not found.get("push"):
                 raise Refused(f"delivery {delivery_id} was {found['decision']} ({found['reason']}); nothing to re-run")
-            routes = [route] if route else list(found["routes"])
-            return dict(found["push"]), routes, f"delivery {delivery_id}"
+            return Source(dict(found["push"]), [route] if route else list(found["routes"]), f"delivery {delivery_id}",
+                          delivery_id)
         if not repo:
             raise Permanent("say what to re-run: --delivery ID, a run, --repo R --sha SHA, or --repo R --ref REF")
         if sha:
@@ -290,24 +316,27 @@ class Operations:
             "pushed": labels.get(pr.L_SHA, ""), "web_url": "",
         }
 
-    def _push_of_commit(self, repo: str, sha: str, route: str | None) -> tuple[dict[str, Any], list[str], str]:
+    def _source_of_run(self, obj: Mapping[str, Any], route: str | None, what: str) -> Source:
+        summary = summarize_run(obj, now=0)
+        return Source(self._push_of_run(obj), [route or summary["route"]], what, summary["delivery_id"] or None)
+
+    def _push_of_commit(self, repo: str, sha: str, route: str | None) -> Source:
         if self.cluster is not None:
             runs = [r for r in self._runs_with(f"{pr.L_SHA}={sha}") if r["repo"] == repo and (not route or r["route"] == route)]
             if runs:
-                obj = self._find_run(runs[0]["run"])
-                return self._push_of_run(obj), [route or runs[0]["route"]], f"{repo}@{sha[:8]} (as PipelineRun {runs[0]['run']})"
+                return self._source_of_run(self._find_run(runs[0]["run"]), route,
+                                           f"{repo}@{sha[:8]} (as PipelineRun {runs[0]['run']})")
         for found in self.deliveries(limit=2000):
             push = found.get("push") or {}
             if found["decision"] == "accepted" and push.get("repo") == repo and push.get("sha") == sha:
-                return dict(push), [route] if route else list(found["routes"]), f"{repo}@{sha[:8]} (as delivery {found['delivery_id']})"
+                return Source(dict(push), [route] if route else list(found["routes"]),
+                              f"{repo}@{sha[:8]} (as delivery {found['delivery_id']})", found["delivery_id"])
         raise NotFound(f"no run or delivery of {repo} at {sha[:12]} is known here; re-run by --ref to build a branch head")
 
-    def _push_of_ref(self, repo: str, ref: str, route_name: str | None) -> tuple[dict[str, Any], list[str], str]:
+    def _push_of_ref(self, repo: str, ref: str, route_name: str | None) -> Source:
         kind = RefKind.TAG if ref.startswith("refs/tags/") else RefKind.BRANCH
         name = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
         full = f"refs/{'tags' if kind is RefKind.TAG else 'heads'}/{name}"
-        from broker.routing import glob_match
-
         candidates = [r for r in self.settings.routing.routes
                       if glob_match(r.repo, repo, ignore_case=True) and (route_name is None or r.name == route_name)]
         routes = [r for r in candidates if ref_selected(r.events, kind, name)] or (candidates if route_name else [])
@@ -331,7 +360,7 @@ class Operations:
             "host": first.host, "host_kind": host.kind, "repo": repo, "repo_id": known.get("repo_id") or repo, "ref": full,
             "kind": kind.value, "name": name, "sha": sha, "pushed": sha, "web_url": known.get("web_url", ""),
         }
-        return push, [r.name for r in routes], f"the head of {repo} {name} ({sha[:8]}, read with git ls-remote)"
+        return Source(push, [r.name for r in routes], f"the head of {repo} {name} ({sha[:8]}, read with git ls-remote)", None)
 
     def rerun(self, *, actor: Actor, reason: str = "", delivery_id: str | None = None, run: str | None = None,
               repo: str | None = None, sha: str | None = None, ref: str | None = None, route: str | None = None,
@@ -340,7 +369,8 @@ class Operations:
         if deploy_only:
             return self._redeploy(actor=actor, reason=reason, delivery_id=delivery_id, run=run, repo=repo, sha=sha, route=route,
                                   dry_run=dry_run)
-        push, route_names, what = self._source(delivery_id=delivery_id, run=run, repo=repo, sha=sha, ref=ref, route=route)
+        source = self._source(delivery_id=delivery_id, run=run, repo=repo, sha=sha, ref=ref, route=route)
+        push, route_names, what = source.push, source.routes, source.what
         routes = [self._route(name) for name in route_names]
         host_id = push.get("host") or routes[0].host
         host = self.settings.routing.hosts.get(host_id)
@@ -383,9 +413,8 @@ class Operations:
                                origin=f"cibroker-{actor.channel}")
         self.store.add_delivery(record=record, log=entries, queue=self.settings.env.queue, message=message,
                                 ttl=self.settings.env.retention_days * 86400)
-        source_delivery = delivery_id or (self._find_run(run)["metadata"]["labels"].get(pr.L_DELIVERY) if run else None)
-        if source_delivery and self.store.get(source_delivery) is not None:
-            self.store.append_log(source_delivery, delivery.log_entry(
+        if source.delivery_id and self.store.get(source.delivery_id) is not None:
+            self.store.append_log(source.delivery_id, delivery.log_entry(
                 "rerun_requested", f"re-run as delivery {new_id} by {actor.who}" + (f": {reason}" if reason else ""), at=now))
         plan.pop("pipelineruns")
         return plan
@@ -410,8 +439,6 @@ class Operations:
         summary = summarize_run(obj, now=self.clock())
         if summary["state"] != CommitState.SUCCESS.value:
             raise Refused(f"PipelineRun {summary['run']} is {summary['state']}, not succeeded: nothing built to deploy")
-        import json
-
         environments = json.loads(summary["deploy"] or "[]")
         if not environments:
             raise Refused(f"route {summary['route']} deploys nothing for {summary['ref_name']!r}")
@@ -458,7 +485,7 @@ class Operations:
     def _audit(self, actor: Actor, action: str, *, target: str, reason: str, result: str) -> None:
         self.store.audit({"who": actor.who, "channel": actor.channel, "action": action, "target": target, "reason": reason,
                           "result": result}, retention_seconds=self.settings.env.retention_days * 86400)
-        self.store.count("cibroker_actions", f"{action}\x1f{actor.channel}")
+        self.store.count(metrics.ACTIONS.name, metrics.ACTIONS.field((action, actor.channel)))
 
     def audit_log(self, *, limit: int = 100) -> list[dict[str, Any]]:
         return self.store.audit_log(limit=limit)

@@ -266,16 +266,16 @@ class SyncStore:
 
     # ---- on-call operations (broker.operations) ------------------------------------------
 
-    def recent(self, *, limit: int, offset: int = 0) -> list[tuple[dict[str, Any] | None, int]]:
-        """Delivery records (no decision logs) with their index scores (ms), newest first, from `offset`."""
+    def recent(self, *, limit: int, offset: int = 0) -> list[dict[str, Any] | None]:
+        """Delivery records (no decision logs), newest first, from `offset`."""
         with self._errors("listing deliveries"):
-            ids = self._client.zrevrange(INDEX_KEY, offset, offset + limit - 1, withscores=True)
+            ids = self._client.zrevrange(INDEX_KEY, offset, offset + limit - 1)
             pipe = self._client.pipeline(transaction=False)
-            for delivery_id, _ in ids:
+            for delivery_id in ids:
                 pipe.hgetall(record_key(delivery_id.decode()))
             rows = pipe.execute()
         # An expired record leaves its index entry until the next accept trims it: None in its place.
-        return [(decode_delivery(fields, []), int(score)) for (_, score), fields in zip(ids, rows, strict=True)]
+        return [decode_delivery(fields, []) for fields in rows]
 
     def next_attempt(self, key: str, *, ttl: int) -> int:
         """2, 3, ... for successive re-runs of one commit (the first run, from the webhook, is attempt 1)."""
@@ -331,13 +331,15 @@ class SyncStore:
             raw = self._client.zrevrange(AUDIT_KEY, 0, limit - 1)
         return [json.loads(item) for item in raw]
 
-    def stranded(self, *, queue: str, older_than: float, max_queue: int = 2000, horizon: float = 86400.0) -> list[dict[str, Any]]:
+    def stranded(self, *, queue: str, older_than: float, max_queue: int = 2000, horizon: float = 6 * 3600.0) -> list[dict[str, Any]]:
         """Accepted deliveries still `queued` after `older_than` s whose task is neither queued nor taken.
 
         kombu's Redis transport pops a message (BRPOP) and only then records it as unacked, so a
         worker killed between the two loses it. Those deliveries are found here: still `queued`,
         and their task id is in neither the queue list nor kombu's `unacked` hash. With a long
-        queue (a backlog) nothing is reported, since reading it whole would cost too much.
+        queue (a backlog) nothing is reported, since reading it whole would cost too much. Only the
+        last `horizon` seconds are read (one state read per delivery per sweep): a sweep runs every
+        resync period, so a lost task is found within minutes, not hours.
         """
         now_ms = int(time.time() * 1000)
         with self._errors("looking for stranded deliveries"):

@@ -45,9 +45,6 @@ log = get_logger("cibroker.web")
 BODY_TIMEOUT_SECONDS = 10.0
 
 
-_DECISIONS = {200: "ignored", 202: "accepted"}
-
-
 @dataclass(frozen=True, slots=True)
 class HostEdge:
     host_id: str
@@ -145,23 +142,23 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
                 state["ops"].store.close()
 
     async def hook(request: Request) -> Response:
+        """The webhook answer; `_hook` decides it, this builds it and counts it once."""
         started = time.perf_counter()
-        answer = await _hook(request, started)
-        decision = "rejected" if answer.status_code >= 400 else _DECISIONS.get(answer.status_code, "answered")
-        if answer.status_code == 200 and answer.body.startswith(b'{"decision":"duplicate"'):
-            decision = "duplicate"
-        edge_metrics.observe(host=request.path_params["host_id"] if request.path_params["host_id"] in edges else "unknown",
-                             event=request.headers.get("x-gitlab-event") or request.headers.get("x-github-event")
-                             or request.headers.get("x-gitea-event") or "", decision=decision,
+        status, payload = await _hook(request, started)
+        host_id = request.path_params["host_id"]
+        headers = request.headers
+        edge_metrics.observe(host=host_id if host_id in edges else "unknown",
+                             event=headers.get("x-gitlab-event") or headers.get("x-github-event") or headers.get("x-gitea-event") or "",
+                             decision="rejected" if status >= 400 else payload["decision"],
                              seconds=time.perf_counter() - started)
-        return answer
+        return _json(status, payload)
 
-    async def _hook(request: Request, started: float) -> Response:
+    async def _hook(request: Request, started: float) -> tuple[int, dict[str, Any]]:
         received = time.time()
         host_id = request.path_params["host_id"]
         edge = edges.get(host_id)
         if edge is None:
-            return _json(404, {"error": f"no host {host_id[:60]!r} in the routing file; POST to /hooks/<host id>"})
+            return (404, {"error": f"no host {host_id[:60]!r} in the routing file; POST to /hooks/<host id>"})
         headers = request.headers
         try:
             body = await read_body(request, env.max_body_bytes)
@@ -169,7 +166,7 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
             parsed = edge.source.parse(headers, body, host_id=host_id)
         except Rejected as exc:
             log.info("webhook_rejected", host=host_id, status=exc.status, reason=exc.reason)
-            return _json(exc.status, {"error": exc.reason})
+            return (exc.status, {"error": exc.reason})
         delivery_id = delivery.new_delivery_id(received)
         outcome = parsed if isinstance(parsed, Ignored) else decide(parsed, routes)
         if isinstance(outcome, Ignored):
@@ -197,11 +194,11 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
             )
         except StoreUnavailable as exc:
             log.warning("webhook_not_stored", host=host_id, repo=event.repo, sha=event.sha, error=str(exc))
-            return _json(503, {"error": "cannot store the delivery right now (redis unavailable); resend it later"})
+            return (503, {"error": "cannot store the delivery right now (redis unavailable); resend it later"})
         took_ms = round((time.perf_counter() - started) * 1000, 2)
         if prior is not None:
             log.info("webhook_duplicate", host=host_id, delivery_id=prior, identity=identity.source, took_ms=took_ms)
-            return _json(200, {"decision": "duplicate", "delivery_id": prior,
+            return (200, {"decision": "duplicate", "delivery_id": prior,
                                "reason": f"already received as delivery {prior} (same {identity.source})"})
         log.info("webhook_accepted", host=host_id, delivery_id=delivery_id, repo=event.repo, ref=event.ref,
                  sha=event.sha, routes=list(outcome.routes), took_ms=took_ms)
@@ -209,10 +206,10 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
                   "ref": event.ref, "sha": event.sha}
         if dry_run:
             answer["mode"] = "dry-run: the PipelineRun is rendered and recorded, not created (no cluster)"
-        return _json(202, answer)
+        return (202, answer)
 
     async def _ignored(edge: HostEdge, ignored: Ignored, *, delivery_id: str, received: float, headers: Any,
-                       authenticated_by: str, started: float) -> Response:
+                       authenticated_by: str, started: float) -> tuple[int, dict[str, Any]]:
         record = delivery.ignored_record(delivery_id=delivery_id, host_id=edge.host_id, host_kind=edge.host.kind,
                                          ignored=ignored, received_at=received, headers=headers,
                                          authenticated_by=authenticated_by)
@@ -229,7 +226,7 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
             log.warning("ignored_not_recorded", host=edge.host_id, error=str(exc))
         log.info("webhook_ignored", host=edge.host_id, code=ignored.code, reason=ignored.reason,
                  delivery_id=answer.get("delivery_id"), took_ms=round((time.perf_counter() - started) * 1000, 2))
-        return _json(200, answer)
+        return (200, answer)
 
     def ops() -> Operations:
         return state["ops"]

@@ -42,11 +42,11 @@ def git_hosts(settings: Settings) -> dict[str, GitHost]:
 def default_orchestrator(settings: Settings) -> Orchestrator:
     from workers.gitrepo import GitCommitResolver
     from workers.kube import KubeCluster
+    from workers.wiring import store_for
 
-    assert settings.env.redis_url is not None
     return Orchestrator(
         settings=settings,
-        store=SyncStore(settings.env.redis_url.get_secret_value(), timeout=settings.env.redis_timeout_seconds),
+        store=store_for(settings),
         cluster=KubeCluster.from_environment(tekton_version=settings.env.tekton_api_version),
         git_hosts=git_hosts(settings),
         resolver=GitCommitResolver(Path(settings.env.state_dir) / "git-mirrors"),

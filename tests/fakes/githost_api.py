@@ -414,15 +414,6 @@ class FakeGitHub(_FakeAPI):
                     found.setdefault(context, []).extend(h["state"] for h in history)
             return found
 
-    def all_states(self) -> tuple[dict[tuple[str, str], list[str]], dict[tuple[str, str], str]]:
-        """({(sha, name): accepted states in order}, {(sha, name): latest description}) for every commit at once."""
-        with self._lock:
-            states: dict[tuple[str, str], list[str]] = {}
-            for (_, sha, name, _), accepted in self._accepted.items():
-                states.setdefault((sha, name), []).extend(accepted)
-            described = {(o["sha"], o["name"]): o.get("description") or "" for o in self.objects}
-            return states, described
-
     def states(self, sha: str, name: str) -> list[str]:
         return self.statuses(sha).get(name, [])
 
