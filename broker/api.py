@@ -9,7 +9,10 @@ actor the audit log records). `/openapi.json` describes this API and the webhook
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,23 +36,94 @@ def json_answer(status: int, payload: Any) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
+LOOPBACK_HOST = re.compile(r"^(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?\Z")
+LIMITER_WINDOW_SECONDS = 60.0
+LIMITER_MAX_CLIENTS = 10000  # addresses remembered at once; past it the oldest windows are dropped
+
+
+def _loopback_ip(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class FailureLimiter:
+    """Wrong API tokens per client address in a fixed one-minute window; past `limit` the address waits.
+
+    While an address is limited every token it presents answers 429 (a right one too), so guessing
+    learns nothing until the window ends. Behind a proxy every client shares its address: a guesser
+    there locks the others out for at most a minute (the price of not trusting X-Forwarded-For).
+    """
+
+    limit: int
+    clock: Callable[[], float] = time.monotonic
+    _windows: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds this client must wait before its next try, or None when it may try now."""
+        window = self._windows.get(client)
+        if window is None:
+            return None
+        started, failures = window
+        left = started + LIMITER_WINDOW_SECONDS - self.clock()
+        if left <= 0:
+            del self._windows[client]
+            return None
+        return math.ceil(left) if failures >= self.limit else None
+
+    def failed(self, client: str) -> None:
+        now = self.clock()
+        started, failures = self._windows.get(client, (now, 0))
+        if now - started >= LIMITER_WINDOW_SECONDS:
+            started, failures = now, 0
+        self._windows[client] = (started, failures + 1)
+        if len(self._windows) > LIMITER_MAX_CLIENTS:
+            for stale in sorted(self._windows, key=lambda c: self._windows[c][0])[: LIMITER_MAX_CLIENTS // 2]:
+                del self._windows[stale]
+
+
 @dataclass
 class ApiAuth:
-    """Bearer tokens, compared in constant time; open only on the embedded defaults with no token set."""
+    """Bearer tokens, compared in constant time, with a per-client limit on wrong ones.
+
+    Without any token configured the API is open only on the embedded defaults, and then only to a
+    request that arrived on a loopback address with a loopback `Host` (localhost, 127.0.0.1, [::1],
+    any port): a page on another origin that rebinds its DNS name to 127.0.0.1 still sends its own
+    name as `Host`, so it cannot drive a laptop's broker.
+    """
 
     tokens: tuple[tuple[str, str], ...]
     open_without_tokens: bool
+    failures_per_minute: int = 10
     _encoded: tuple[tuple[str, bytes], ...] = field(init=False)
+    limiter: FailureLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self._encoded = tuple((name, token.encode()) for name, token in self.tokens)
+        self.limiter = FailureLimiter(self.failures_per_minute)
 
-    def check(self, presented: str | None) -> str | Response:
-        """The token's name, or the 401/403 answer to give."""
+    @property
+    def tokenless(self) -> bool:
+        """True when no token is asked for (embedded defaults, none set; loopback requests only)."""
+        return not self._encoded and self.open_without_tokens
+
+    def check(self, presented: str | None, request: Request | None = None) -> str | Response:
+        """The token's name, or the 401/403/429 answer to give. `request` gives the client address and Host."""
         if not self._encoded:
             if self.open_without_tokens:
-                return "local"
+                if request is not None and _local_request(request):
+                    return "local"
+                return json_answer(403, {"error": "without CIBROKER_API_TOKENS this API answers only requests to "
+                                                  "localhost / 127.0.0.1 / [::1] on a loopback address; set tokens to use it "
+                                                  "from elsewhere"})
             return json_answer(401, {"error": "the API needs a bearer token; set CIBROKER_API_TOKENS on the server"})
+        client = request.client.host if request is not None and request.client else ""
+        wait = self.limiter.retry_after(client)
+        if wait is not None:
+            return Response(orjson.dumps({"error": f"too many wrong API tokens from this address; try again in {wait} s"}),
+                            status_code=429, media_type="application/json", headers={"Retry-After": str(wait)})
         if not presented:
             return json_answer(401, {"error": "missing Authorization: Bearer <token>"})
         found = None
@@ -57,19 +131,29 @@ class ApiAuth:
         for name, known in self._encoded:  # compare with every token, so timing says nothing about which matched
             if hmac.compare_digest(candidate, known):
                 found = name
-        return found if found is not None else json_answer(403, {"error": "invalid API token"})
+        if found is None:
+            self.limiter.failed(client)
+            return json_answer(403, {"error": "invalid API token"})
+        return found
 
     def bearer(self, request: Request) -> str | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return token if scheme.lower() == "bearer" and token else None
 
     def actor(self, request: Request, *, channel: str, token: str | None = None) -> Actor | Response:
-        name = self.check(token if token is not None else self.bearer(request))
+        name = self.check(token if token is not None else self.bearer(request), request)
         if isinstance(name, Response):
             return name
         # The CLI says which person is behind a shared token; recorded as said, next to the token's name.
         said = ACTOR.sub("", request.headers.get("x-cibroker-actor", ""))[:64].strip()
         return Actor(who=f"{said} (token {name})" if said else name, channel=channel)
+
+
+def _local_request(request: Request) -> bool:
+    """Arrived on a loopback address (not merely from one: the socket's own end), naming a loopback Host."""
+    server = request.scope.get("server")
+    host = request.headers.get("host", "")
+    return bool(server) and _loopback_ip(str(server[0])) and LOOPBACK_HOST.match(host.lower()) is not None
 
 
 async def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Response:

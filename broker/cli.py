@@ -65,8 +65,20 @@ def _startup_log(settings: Settings, store: str, process: str, **extra: Any) -> 
         log.warning("config_warning", problem=warning)
     if settings.embedded_defaults:
         log.warning("embedded_defaults", detail=(
-            "no routing file given: hosts gitlab and github take any repo; webhook secret in "
-            f"{settings.env.state_dir / 'webhook-secret'} unless GITLAB_WEBHOOK_SECRET / GITHUB_WEBHOOK_SECRET is set"))
+            "no routing file given: hosts gitlab and github take any repo; webhook secrets in "
+            f"{settings.env.state_dir / 'webhook-secret'} (gitlab) and {settings.env.state_dir / 'github-webhook-secret'} "
+            "(github), or GITLAB_WEBHOOK_SECRET / GITHUB_WEBHOOK_SECRET"))
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command()
@@ -79,12 +91,22 @@ def serve(
     """Run the webhook edge (POST /hooks/<host id>)."""
     import uvicorn
 
+    from broker import serving
+
     settings = _settings(config)
     configure(fmt=settings.env.log_format, level=settings.env.log_level)
     settings, store = _with_store(settings)
     _startup_log(settings, store, "web", listen=f"http://{host}:{port}", workers=workers)
+    if settings.embedded_defaults and not settings.env.api_token_names() and not _loopback(host):
+        get_logger("cibroker").warning("api_closed", detail=(
+            f"listening on {host} with no CIBROKER_API_TOKENS: the API and dashboard actions answer only requests "
+            "that reach a loopback address with a loopback Host; set CIBROKER_API_TOKENS to use them from elsewhere"))
+    # Bounded before a request is read: header deadline and size (broker.serving), idle keep-alive,
+    # a cap on open connections; webhook bodies are capped in the app (size, time, how many at once).
+    serving.configure(header_timeout=settings.env.header_timeout_seconds)
     common: dict[str, Any] = {"host": host, "port": port, "access_log": False, "log_level": "warning",
-                              "server_header": False, "timeout_graceful_shutdown": 10}
+                              "server_header": False, "timeout_graceful_shutdown": 10,
+                              **serving.uvicorn_options(keep_alive=settings.env.keep_alive_seconds)}
     if workers == 1:
         from broker.web import create_app
 

@@ -202,7 +202,7 @@ async def read_form(request: Request) -> dict[str, str] | str:
 
 def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
     """The dashboard's routes. `ops` returns the on-call service (built when the app starts)."""
-    token_needed = not isinstance(auth.check(None), str)  # the embedded defaults with no token set act without one
+    token_needed = not auth.tokenless  # the embedded defaults with no token set act without one (loopback only)
 
     async def index(request: Request) -> Response:
         repo = request.query_params.get("repo", "").strip()[:200] or None
@@ -253,7 +253,7 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
         if isinstance(form, str):
             return await again(request, status=400, error=form)
         kept = {k: v[:500] for k, v in form.items() if k in ("reason", "who")}  # re-filled after an error; never the token
-        name = auth.check(form.get("token") or None)
+        name = auth.check(form.get("token") or None, request)
         if isinstance(name, Response):
             said = orjson.loads(name.body)["error"]
             if not form.get("token") and auth.tokens:  # the API's wording is about headers; this is a form

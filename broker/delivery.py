@@ -13,6 +13,8 @@ from functools import lru_cache
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from broker.events import Identity, Ignored, PushEvent
 
 PREFIX = "cibroker:"
@@ -47,7 +49,18 @@ def new_delivery_id(now: float | None = None) -> str:
 
 
 def dedup_key(host_id: str, identity: Identity) -> str:
+    """The key of a host's signed delivery identity (GitLab webhook-id under a verified signature)."""
     return f"{PREFIX}dedup:{host_id}:{identity.key}"
+
+
+def push_keys(fingerprint: str, routes: tuple[str, ...]) -> list[str]:
+    """One key per matched route for a push fingerprint (broker.sources.common.push_fingerprint).
+
+    A delivery is a duplicate when every route it matched already took this push; a second hook
+    whose secret speaks for more routes still reaches the routes not yet taken (the run of a route
+    that already has one is deduplicated by its PipelineRun name).
+    """
+    return [f"{PREFIX}dedup:push:{fingerprint}:{route}" for route in routes]
 
 
 def record_key(delivery_id: str) -> str:
@@ -92,13 +105,15 @@ def record(
     authenticated_by: str,
     identity: Identity | None = None,
     routes: tuple[str, ...] = (),
+    fingerprint: str | None = None,
+    at: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    out = {
         "delivery_id": delivery_id,
         "host": host_id,
         "host_kind": host_kind,
         "event": event_name,
-        "received_at": iso(received_at),
+        "received_at": at or iso(received_at),
         "decision": decision,
         "code": code,
         "reason": reason,
@@ -108,11 +123,19 @@ def record(
         "push": None if event is None else event.as_dict(),
         "headers": kept_headers(headers),
     }
+    if fingerprint is not None:  # broker.sources.common.push_fingerprint: names the push across deliveries
+        out["fingerprint"] = fingerprint
+    return out
 
 
 def log_entry(step: str, detail: str, *, at: float, **extra: Any) -> dict[str, Any]:
     """One line of a delivery's decision log: a snake_case step and a sentence for people."""
     return {"at": iso(at), "step": step, "detail": detail, **extra}
+
+
+def entry_bytes(step: str, detail: str, at: str, **extra: Any) -> bytes:
+    """A log entry as stored (JSON bytes), with its time already formatted (the edge formats it once per request)."""
+    return orjson.dumps({"at": at, "step": step, "detail": detail, **extra})
 
 
 def ignored_record(

@@ -22,6 +22,7 @@ from broker.errors import Permanent, Rejected
 from broker.events import Ignored, RefKind
 from broker.routing import decide
 from broker.sources import AuthPolicy, source_for
+from broker.sources.common import PROJECT_URL_FIELD, check_project_url, web_base
 from config.settings import Settings
 
 EXPLAIN_DELIVERY_ID = "0" * 26
@@ -91,6 +92,14 @@ def explain(settings: Settings, *, body: bytes, headers: Mapping[str, str] | Non
         steps.append({"step": "parse", "result": "rejected", "status": exc.status, "detail": f"the edge would answer {exc.status}: {exc.reason}"})
         report["decision"] = "rejected"
         return report
+    if not isinstance(parsed, Ignored):
+        try:  # the edge's rule (issue 11): the project URL is the host's and names the repo the payload claims
+            check_project_url(parsed, web_base(host.kind, host.web_url or host.api_url), field_name=PROJECT_URL_FIELD[host.kind])
+        except Rejected as exc:
+            steps.append({"step": "parse", "result": "rejected", "status": exc.status,
+                          "detail": f"the edge would answer {exc.status}: {exc.reason}"})
+            report["decision"] = "rejected"
+            return report
     outcome = parsed if isinstance(parsed, Ignored) else decide(parsed, settings.routing.routes)
     if isinstance(outcome, Ignored):
         if outcome.push is not None:

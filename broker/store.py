@@ -22,14 +22,28 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from broker.delivery import AUDIT_KEY, INDEX_KEY, PREFIX, dedup_key, iso, log_key, record_key
+from broker.delivery import AUDIT_KEY, INDEX_KEY, PREFIX, dedup_key, iso, log_key, push_keys, record_key
 from broker.errors import StoreUnavailable
 from broker.events import Identity
 
 ACCEPT = """
--- KEYS: dedup, record, log, queue, index
--- ARGV: id, record, message, dedup_ttl, record_ttl, now_ms, record_prefix, log entries...
-local prior = redis.call('GET', KEYS[1])
+-- KEYS: record, log, queue, index, then ARGV[8] (0 or 1) signed-identity keys, then one push-fingerprint key per route
+-- ARGV: id, record, message, dedup_ttl, record_ttl, now_ms, record_prefix, n_signed, log entries...
+-- A duplicate when the signed identity was seen, or when every route already took this push fingerprint.
+local nsigned = tonumber(ARGV[8])
+local prior, why = nil, nil
+if nsigned == 1 then
+  prior = redis.call('GET', KEYS[5])
+  if prior then why = 'signed delivery id' end
+end
+if not prior then
+  local first, all = nil, true
+  for i = 5 + nsigned, #KEYS do
+    local p = redis.call('GET', KEYS[i])
+    if p then first = first or p else all = false end
+  end
+  if all and first then prior, why = first, 'push fingerprint' end
+end
 if prior then
   local rk = ARGV[7] .. prior
   if redis.call('EXISTS', rk) == 1 then
@@ -37,19 +51,19 @@ if prior then
     redis.call('HSET', rk, 'last_duplicate_at', ARGV[6])
     if n <= 20 then
       redis.call('RPUSH', rk .. ':log', cjson.encode({at_ms = tonumber(ARGV[6]), step = 'duplicate',
-        detail = 'the same delivery arrived again (' .. n .. ' so far); not run again'}))
+        detail = 'the same delivery arrived again by ' .. why .. ' (' .. n .. ' so far); not run again'}))
     end
   end
-  return prior
+  return {prior, why}
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
-redis.call('HSET', KEYS[2], 'record', ARGV[2], 'state', 'queued', 'duplicates', 0)
+for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'NX', 'EX', ARGV[4]) end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'duplicates', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+for i = 9, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-for i = 8, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('LPUSH', KEYS[4], ARGV[3])
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[6]) - 1000 * tonumber(ARGV[5]))
+redis.call('LPUSH', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[6]) - 1000 * tonumber(ARGV[5]))
 return false
 """
 
@@ -130,6 +144,7 @@ class AsyncStore:
     def __init__(self, url: str, *, timeout: float, record_ttl: int, dedup_ttl: int, queue: str) -> None:
         self._client = aioredis.Redis.from_url(url, **redis_options(timeout=timeout))
         self._accept = self._client.register_script(ACCEPT)
+        self._record_prefix = record_key("")
         self._record_ttl = record_ttl
         self._dedup_ttl = dedup_ttl
         self._queue = queue
@@ -147,24 +162,24 @@ class AsyncStore:
             await self._client.script_load(ACCEPT)
 
     async def accept(
-        self, *, host_id: str, identity: Identity, delivery_id: str, record: dict[str, Any], message: str, log: list[dict[str, Any]]
-    ) -> str | None:
-        """Store and enqueue a new delivery; returns None, or the id of the delivery this duplicates."""
+        self, *, host_id: str, signed: Identity | None, fingerprint: str, routes: tuple[str, ...], delivery_id: str,
+        record: dict[str, Any] | bytes, message: str | bytes, log: list[dict[str, Any]] | list[bytes]
+    ) -> tuple[str, str] | None:
+        """Store and enqueue a new delivery; None, or (id of the delivery this duplicates, by what).
+
+        Deduplicated on the host's signed delivery identity (when there is one) and on the push
+        fingerprint per matched route, in the same atomic call that stores and queues.
+        """
+        keys = [record_key(delivery_id), log_key(delivery_id), self._queue, INDEX_KEY]
+        if signed is not None:
+            keys.append(dedup_key(host_id, signed))
+        keys += push_keys(fingerprint, routes)
+        args = [delivery_id, record if isinstance(record, bytes) else _dumps(record), message, self._dedup_ttl,
+                self._record_ttl, int(time.time() * 1000), self._record_prefix, 1 if signed is not None else 0,
+                *[e if isinstance(e, bytes) else _dumps(e) for e in log]]
         async with self._errors("accepting a delivery"):
-            prior = await self._accept(
-                keys=[dedup_key(host_id, identity), record_key(delivery_id), log_key(delivery_id), self._queue, INDEX_KEY],
-                args=[
-                    delivery_id,
-                    _dumps(record),
-                    message,
-                    self._dedup_ttl,
-                    self._record_ttl,
-                    int(time.time() * 1000),
-                    record_key(""),
-                    *[_dumps(e) for e in log],
-                ],
-            )
-        return prior.decode() if prior else None
+            prior = await self._accept(keys=keys, args=args)
+        return (prior[0].decode(), prior[1].decode()) if prior else None
 
     async def record_ignored(self, *, delivery_id: str, record: dict[str, Any], log: list[dict[str, Any]]) -> None:
         async with self._errors("recording an ignored delivery"):

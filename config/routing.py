@@ -106,6 +106,9 @@ class Defaults(_Model):
 class Host(_Model):
     kind: Literal["gitlab", "github", "gitea"]
     api_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")]
+    # Where the host serves project pages (payload project URLs must be under it); default: derived
+    # from api_url (its origin without /api/v4, /api/v3, /api/v1; github.com for api.github.com).
+    web_url: Annotated[str, Field(pattern=r"^https?://[^/\s?#@]+(/[^\s?#]*)?$")] | None = None
     token: SecretRef | None = None
     webhook_secrets: list[SecretRef] = []
     signing_secrets: list[SecretRef] = []
@@ -121,11 +124,8 @@ class Host(_Model):
             raise ValueError("signing_secrets is GitLab's signing token; github and gitea sign with webhook_secrets")
         return value
 
-    @model_validator(mode="after")
-    def _has_a_credential(self) -> Host:
-        if not self.webhook_secrets and not self.signing_secrets:
-            raise ValueError("a host needs webhook_secrets (or, for gitlab, signing_secrets): unauthenticated hooks are refused")
-        return self
+    # Whether the host has a credential of its own, or every route of it has one, is a
+    # cross-check of the whole file (`_cross_check`): route-scoped secrets need the routes.
 
 
 class RefFilter(_Model):
@@ -162,6 +162,10 @@ class Route(_Model):
     supersede: bool = True
     cancel_status: Literal["Cancelled", "CancelledRunFinally"] = "Cancelled"
     max_keep_runs: Annotated[int, Field(ge=1, le=10000)] | None = None  # prune older finished runs of this route
+    # Route-scoped credentials: a delivery verified only by one of these can match only this route
+    # (README "Secrets scoped to repos"). Same forms and rotation rules as the host's lists.
+    webhook_secrets: list[SecretRef] = []
+    signing_secrets: list[SecretRef] = []  # gitlab hosts only (checked across the file)
 
     _image_tag = field_validator("image_tag")(lambda v: check_template(v, IMAGE_TAG_FIELDS))
     _image = field_validator("image")(lambda v: check_template(v, ("repo",)))
@@ -216,17 +220,50 @@ class RoutingFile(_Model):
         return model
 
 
+NO_CREDENTIAL = "a host needs webhook_secrets (or, for gitlab, signing_secrets): unauthenticated hooks are refused"
+
+
+def _has_secrets(entry: Any) -> bool:
+    return isinstance(entry, dict) and bool(entry.get("webhook_secrets") or entry.get("signing_secrets"))
+
+
 def _cross_check(data: Any) -> list[InitErrorDetails]:
-    """Routes naming an undefined host, and route names used twice."""
-    if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
+    """Credentials (host-wide or per route), routes naming an undefined host, route names used twice."""
+    if not isinstance(data, dict):
         return []
     hosts = data.get("hosts")
+    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
     problems: list[InitErrorDetails] = []
+    if isinstance(hosts, dict):
+        for host_id, host in hosts.items():
+            if not isinstance(host, dict) or _has_secrets(host):
+                continue
+            own = [r for r in routes if isinstance(r, dict) and r.get("host") == host_id]
+            if not any(_has_secrets(r) for r in own):
+                problems.append(InitErrorDetails(type=PydanticCustomError("no_credential", NO_CREDENTIAL),
+                                                 loc=("hosts", host_id), input=host))
+    if not routes:
+        return problems
     first_use: dict[str, int] = {}
-    for i, route in enumerate(data["routes"]):
+    for i, route in enumerate(routes):
         if not isinstance(route, dict):
             continue
         host, name = route.get("host"), route.get("name")
+        defined = hosts.get(host) if isinstance(hosts, dict) and isinstance(host, str) else None
+        if isinstance(defined, dict):
+            if route.get("signing_secrets") and defined.get("kind") not in (None, "gitlab"):
+                problems.append(InitErrorDetails(
+                    type=PydanticCustomError("signing_gitlab_only",
+                                             "signing_secrets is GitLab's signing token; github and gitea sign with webhook_secrets"),
+                    loc=("routes", i, "signing_secrets"), input=route.get("signing_secrets")))
+            if not _has_secrets(defined) and not _has_secrets(route) and any(
+                    _has_secrets(r) for r in routes if isinstance(r, dict) and r.get("host") == host):
+                problems.append(InitErrorDetails(
+                    type=PydanticCustomError(
+                        "route_without_credential",
+                        f"host {host!r} has no webhook_secrets of its own, so this route needs its own webhook_secrets "
+                        "(or signing_secrets): no delivery could ever be authenticated for it"),
+                    loc=("routes", i, "webhook_secrets"), input=[]))
         if isinstance(hosts, dict) and isinstance(host, str) and host not in hosts:
             known = ", ".join(sorted(str(h) for h in hosts)) or "none"
             problems.append(InitErrorDetails(

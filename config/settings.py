@@ -24,6 +24,10 @@ from config.routing import RoutingFile, SecretRef
 
 ENV_PREFIX = "CIBROKER_"
 EMBEDDED = "<embedded defaults>"
+MIN_API_TOKEN_LENGTH = 24
+# The embedded defaults' webhook secret files, one per host kind (a GitHub HMAC made with the GitLab
+# token must not verify): <state dir>/<name>, random, created on first start (config/defaults.yaml).
+DEV_SECRET_FILES = ("webhook-secret", "github-webhook-secret")
 
 
 class EnvSettings(BaseModel):
@@ -34,7 +38,15 @@ class EnvSettings(BaseModel):
     config: Path | None = None
     redis_url: SecretStr | None = None
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "cibroker"
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    # GitLab's own cap is 25 MB, but a push payload lists at most 20 commits: real pushes are KBs.
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    # Webhook bodies read at once by one web process; beyond it 503 + Retry-After (memory bound: this x max_body_bytes).
+    max_inflight_webhooks: Annotated[int, Field(ge=1, le=100000)] = 64
+    # Wrong API tokens one client address may present per minute before every API call from it answers 429.
+    api_failures_per_minute: Annotated[int, Field(ge=1, le=100000)] = 10
+    # A request's headers must arrive within this (slow-header connections are closed), and idle keep-alive ends.
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    keep_alive_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
     dedup_ttl_seconds: Annotated[int, Field(ge=60)] = 14 * 24 * 3600
     retention_days: Annotated[int, Field(ge=1)] = 14
     redis_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 2.0
@@ -54,6 +66,12 @@ class EnvSettings(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             raise ConfigError([f"environment: {ENV_PREFIX}{_loc(e['loc']).upper()}: {e['msg']}" for e in exc.errors()]) from exc
+
+    def short_api_tokens(self) -> list[str]:
+        """Problems naming each CIBROKER_API_TOKENS entry shorter than MIN_API_TOKEN_LENGTH (by name, never the value)."""
+        return [f"environment: {ENV_PREFIX}API_TOKENS: entry {name!r} is {len(token)} characters; an API token needs at "
+                f"least {MIN_API_TOKEN_LENGTH} (make one with `openssl rand -hex 32`)"
+                for name, token in self.api_token_names() if len(token) < MIN_API_TOKEN_LENGTH]
 
     def api_token_values(self) -> tuple[str, ...]:
         return tuple(token for _, token in self.api_token_names())
@@ -95,6 +113,8 @@ class Settings:
     source: str
     credentials: Mapping[str, HostCredentials]
     warnings: tuple[str, ...] = field(default=())
+    # Route-scoped webhook/signing secrets by route name (only routes that set any; README "Secrets scoped to repos").
+    route_credentials: Mapping[str, HostCredentials] = field(default_factory=dict)
 
     @property
     def embedded_defaults(self) -> bool:
@@ -174,7 +194,16 @@ def resolve_credentials(
     routing: RoutingFile, *, environ: Mapping[str, str], base: Path
 ) -> tuple[dict[str, HostCredentials], list[str], list[str]]:
     """Secrets per host, plus (errors, warnings) naming what is missing, never a value."""
+    creds, _, errors, warnings = resolve_all_credentials(routing, environ=environ, base=base)
+    return creds, errors, warnings
+
+
+def resolve_all_credentials(
+    routing: RoutingFile, *, environ: Mapping[str, str], base: Path
+) -> tuple[dict[str, HostCredentials], dict[str, HostCredentials], list[str], list[str]]:
+    """Secrets per host and per route (route name), plus (errors, warnings) naming what is missing, never a value."""
     creds: dict[str, HostCredentials] = {}
+    by_route: dict[str, HostCredentials] = {}
     errors: list[str] = []
     warnings: list[str] = []
 
@@ -203,19 +232,31 @@ def resolve_credentials(
             else:
                 token = SecretStr(value)
         creds[host_id] = HostCredentials(webhook_secrets=webhook, signing_secrets=signing, token=token)
-    return creds, errors, warnings
+    for i, route in enumerate(routing.routes):
+        if not route.webhook_secrets and not route.signing_secrets:
+            continue
+        where = f"routes[{i}]"
+        webhook = resolve(route.webhook_secrets, f"{where}.webhook_secrets")
+        signing = resolve(route.signing_secrets, f"{where}.signing_secrets")
+        if route.webhook_secrets and not webhook:
+            errors.append(f"{where}.webhook_secrets: none is set ({', '.join(r.describe() for r in route.webhook_secrets)}); "
+                          f"deliveries for route {route.name} would be refused")
+        if route.signing_secrets and not signing:
+            errors.append(f"{where}.signing_secrets: none is set ({', '.join(r.describe() for r in route.signing_secrets)})")
+        by_route[route.name] = HostCredentials(webhook_secrets=webhook, signing_secrets=signing)
+    return creds, by_route, errors, warnings
 
 
-def ensure_dev_secret(state_dir: Path) -> Path:
-    """The embedded defaults' webhook secret file: created once (0600), random, never logged."""
+def ensure_dev_secret(state_dir: Path, name: str = DEV_SECRET_FILES[0]) -> Path:
+    """One of the embedded defaults' webhook secret files: created once (0600), random, never logged."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "webhook-secret"
+    path = state_dir / name
     if path.exists():
         return path
     # `serve` and `worker` may start at once (Procfile): write a private temporary file in
     # full, then link it into place, so no process ever reads a half-written secret and
     # the one that loses the race keeps the winner's value.
-    tmp = state_dir / f".webhook-secret.{os.getpid()}.{_secrets.token_hex(4)}"
+    tmp = state_dir / f".{name}.{os.getpid()}.{_secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -234,10 +275,13 @@ def ensure_dev_secret(state_dir: Path) -> Path:
 def load_settings(environ: Mapping[str, str], *, config_path: str | Path | None = None) -> Settings:
     """Everything a cibroker process needs, validated at once; raises ConfigError listing every problem."""
     env = EnvSettings.from_environ(environ)
+    if short := env.short_api_tokens():
+        raise ConfigError(short)
     path = Path(config_path) if config_path else env.config
     if path is None:
         source = EMBEDDED
-        ensure_dev_secret(env.state_dir)
+        for name in DEV_SECRET_FILES:
+            ensure_dev_secret(env.state_dir, name)
         text = resources.files("config").joinpath("defaults.yaml").read_text(encoding="utf-8")
         base = env.state_dir
     else:
@@ -250,7 +294,8 @@ def load_settings(environ: Mapping[str, str], *, config_path: str | Path | None 
             raise ConfigError([f"{path}: the routing file is not UTF-8 text (byte {exc.start})"]) from exc
         base = path.parent
     routing = parse_routing(text, source=source)
-    creds, errors, warnings = resolve_credentials(routing, environ=environ, base=base)
+    creds, by_route, errors, warnings = resolve_all_credentials(routing, environ=environ, base=base)
     if errors:
         raise ConfigError([f"{source}: {e}" for e in errors])
-    return Settings(env=env, routing=routing, source=source, credentials=creds, warnings=tuple(warnings))
+    return Settings(env=env, routing=routing, source=source, credentials=creds, warnings=tuple(warnings),
+                    route_credentials=by_route)

@@ -59,6 +59,7 @@ hosts:
   gitlab:
     kind: gitlab
     api_url: {gitlab_url}
+    web_url: https://gitlab.example.com
     token: {{env: GITLAB_API_TOKEN}}
     webhook_secrets: [{{env: GITLAB_WEBHOOK_SECRET}}]
 routes:
@@ -84,7 +85,7 @@ def push_body(*, sha: str = SHA1, ref: str = "refs/heads/main", before: str = "0
     data = json.loads(payload("gitlab/push-branch-update.json"))
     data.update(ref=ref, before=before, after=after or sha, checkout_sha=sha, project_id=project_id)
     data["object_kind"] = "tag_push" if ref.startswith("refs/tags/") else "push"
-    data["project"].update(path_with_namespace=repo, id=project_id)
+    data["project"].update(path_with_namespace=repo, id=project_id, web_url=f"https://gitlab.example.com/{repo}")
     data["commits"] = [{"id": sha, "message": message}]
     return json.dumps(data).encode()
 

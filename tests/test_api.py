@@ -21,7 +21,7 @@ from config.settings import EnvSettings
 from tests.support import FIXTURES, make_settings
 from tests.test_operations import OpsWorld
 
-TOKENS = "ops=s3cret-ops,bare-token-value"
+TOKENS = "ops=s3cret-ops-token-for-api-tests,bare-token-value-for-api-tests"
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def world(tmp_path: Path, redis_url: str) -> OpsWorld:
     w.close()
 
 
-def auth(token: str = "s3cret-ops", actor: str | None = None) -> dict[str, str]:
+def auth(token: str = "s3cret-ops-token-for-api-tests", actor: str | None = None) -> dict[str, str]:
     headers = {"Authorization": f"Bearer {token}"}
     if actor:
         headers["X-Cibroker-Actor"] = actor
@@ -53,8 +53,8 @@ def test_api_tokens_are_named_for_the_audit_log() -> None:
 def test_every_api_read_needs_a_valid_token(world: OpsWorld, path: str) -> None:
     assert world.api.get(path).status_code == 401
     assert world.api.get(path, headers={"Authorization": "Basic abc"}).status_code == 401
-    assert world.api.get(path, headers=auth("s3cret-opsX")).json() == {"error": "invalid API token"}
-    assert world.api.get(path, headers=auth("bare-token-value")).status_code in (200, 404)
+    assert world.api.get(path, headers=auth("s3cret-ops-token-for-api-testsX")).json() == {"error": "invalid API token"}
+    assert world.api.get(path, headers=auth("bare-token-value-for-api-tests")).status_code in (200, 404)
 
 
 def test_actions_need_a_token_and_record_who(world: OpsWorld) -> None:

@@ -6,6 +6,7 @@ Every error test asserts the whole problem line: file, key path and message.
 from __future__ import annotations
 
 import stat
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -461,17 +462,17 @@ def test_no_repr_or_str_of_settings_shows_a_secret_value(tmp_path: Path) -> None
     settings = make_settings(tmp_path, environ={
         "GITLAB_API_TOKEN": "glpat-api-token-value",
         "CIBROKER_REDIS_URL": "redis://:redis-password-value@127.0.0.1:6379/0",
-        "CIBROKER_API_TOKENS": "api-token-one,api-token-two",
+        "CIBROKER_API_TOKENS": "api-token-one-long-enough-x,api-token-two-long-enough-x",
     })
     assert settings.credentials["gitlab"].webhook_values() == ("topsecret", "1234567")
     assert settings.credentials["gitlab-signed"].signing_values() == (SECRETS["GITLAB_SIGNING_SECRET"],)
-    assert settings.env.api_token_values() == ("api-token-one", "api-token-two")
+    assert settings.env.api_token_values() == ("api-token-one-long-enough-x", "api-token-two-long-enough-x")
     shown = "\n".join([
         repr(settings), str(settings), repr(settings.env), str(settings.env),
         repr(settings.credentials), *(repr(c) for c in settings.credentials.values()),
         *(str(c) for c in settings.credentials.values()),
     ])
-    for value in [*SECRETS.values(), "glpat-api-token-value", "redis-password-value", "api-token-one", "api-token-two"]:
+    for value in [*SECRETS.values(), "glpat-api-token-value", "redis-password-value", "api-token-one-long-enough-x", "api-token-two-long-enough-x"]:
         assert value not in shown
     assert "**********" in shown
 
@@ -564,9 +565,11 @@ def test_a_missing_api_token_is_only_a_warning() -> None:
 
 
 def test_environment_defaults() -> None:
-    """With no CIBROKER_* variables: 10 MiB body limit, 14 days retention and dedup window, queue 'cibroker'."""
+    """With no CIBROKER_* variables: 1 MiB body limit, 64 webhooks in flight, 14 days retention and dedup window."""
     env = EnvSettings.from_environ({"PATH": "/usr/bin", "MAX_BODY_BYTES": "not ours"})
-    assert env.max_body_bytes == 10 * 1024 * 1024
+    assert env.max_body_bytes == 1024 * 1024
+    assert env.max_inflight_webhooks == 64 and env.api_failures_per_minute == 10
+    assert (env.header_timeout_seconds, env.keep_alive_seconds) == (10.0, 5.0)
     assert env.retention_days == 14
     assert env.dedup_ttl_seconds == 14 * 24 * 3600
     assert env.queue == "cibroker"
@@ -611,22 +614,30 @@ def test_load_settings_refuses_a_bad_environment_before_reading_the_routing_file
 
 
 def test_embedded_defaults_create_a_private_webhook_secret_and_reuse_it(tmp_path: Path) -> None:
-    """With no routing file: the bundled defaults, a random secret in <state>/webhook-secret (0600), the same next time."""
+    """With no routing file: the bundled defaults, one random secret per host kind (0600), the same next time.
+
+    Issue 11 gap 5: the GitLab and GitHub hosts never share a secret (a GitHub HMAC made with the
+    GitLab token must not verify; tests/test_edge_bounds.py plays it through the app).
+    """
     state = tmp_path / "state"
     first = load_settings({"CIBROKER_STATE_DIR": str(state)}, config_path=None)
     assert first.embedded_defaults is True and first.source == EMBEDDED
     assert sorted(first.routing.hosts) == ["github", "gitlab"]
-    secret_file = state / "webhook-secret"
-    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    value = secret_file.read_text().strip()
-    assert len(value) >= 32
-    assert first.credentials["gitlab"].webhook_values() == (value,)
-    assert first.credentials["github"].webhook_values() == (value,)
-    assert value not in repr(first)
+    values = {}
+    for name in ("webhook-secret", "github-webhook-secret"):
+        secret_file = state / name
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        values[name] = secret_file.read_text().strip()
+        assert len(values[name]) >= 32
+    assert values["webhook-secret"] != values["github-webhook-secret"]
+    assert first.credentials["gitlab"].webhook_values() == (values["webhook-secret"],)
+    assert first.credentials["github"].webhook_values() == (values["github-webhook-secret"],)
+    assert not [v for v in values.values() if v in repr(first)]
 
     second = load_settings({"CIBROKER_STATE_DIR": str(state)}, config_path=None)
-    assert second.credentials["gitlab"].webhook_values() == (value,)
-    assert sorted(p.name for p in state.iterdir()) == ["webhook-secret"]
+    assert second.credentials["gitlab"].webhook_values() == (values["webhook-secret"],)
+    assert second.credentials["github"].webhook_values() == (values["github-webhook-secret"],)
+    assert sorted(p.name for p in state.iterdir()) == ["github-webhook-secret", "webhook-secret"]
 
 
 def test_embedded_defaults_prefer_a_webhook_secret_from_the_environment(tmp_path: Path) -> None:
@@ -672,6 +683,46 @@ def test_processes_starting_together_all_get_the_same_whole_dev_secret(tmp_path:
     assert failures == []
     assert len(set(seen)) == 1 and seen[0].endswith("\n") and len(seen[0].strip()) >= 32
     assert [p.name for p in tmp_path.iterdir()] == ["webhook-secret"]
+
+
+@pytest.mark.parametrize(("tokens", "named"), [("short-token", "token1"), ("ops=abcdefghij,ci=" + "x" * 30, "ops")])
+def test_an_api_token_shorter_than_24_characters_is_refused_at_start_naming_its_entry(tokens: str, named: str) -> None:
+    """Issue 11 gap 6: CIBROKER_API_TOKENS entries need 24+ characters; the error names the entry, never its value."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**EXAMPLE_SECRETS, "CIBROKER_API_TOKENS": tokens}, config_path=EXAMPLE)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"environment: CIBROKER_API_TOKENS: entry {named!r} is ") and "at least 24" in problem
+    assert "abcdefghij" not in problem and "short-token" not in problem
+    assert load_settings({**EXAMPLE_SECRETS, "CIBROKER_API_TOKENS": "ops=" + "y" * 24}, config_path=EXAMPLE).env.api_token_names()
+
+
+def test_route_scoped_secrets_resolve_like_host_ones_and_errors_name_the_route() -> None:
+    """routes[i].webhook_secrets: resolved into route_credentials; none set is an error at routes[i]."""
+    text = document(hosts={"gitlab": host(webhook_secrets=[])},
+                    routes=[route(name="shop", webhook_secrets=[{"env": "SHOP_HOOK"}, {"env": "SHOP_HOOK_OLD"}])])
+    file = Path(tempfile.mkdtemp()) / "routing.yaml"
+    file.write_text(text)
+    settings = load_settings({"SHOP_HOOK": "shop-secret"}, config_path=file)
+    assert settings.route_credentials["shop"].webhook_values() == ("shop-secret",)
+    assert "routes[0].webhook_secrets[1]: env SHOP_HOOK_OLD is not set (skipped)" in settings.warnings
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, config_path=file)
+    assert caught.value.problems == [f"{file}: routes[0].webhook_secrets: none is set (env SHOP_HOOK, env SHOP_HOOK_OLD); "
+                                     "deliveries for route shop would be refused"]
+
+
+def test_a_host_may_leave_its_secrets_to_its_routes_but_then_every_route_needs_one() -> None:
+    """No host-wide secret is fine when routes carry theirs; a route without one is an error at its key path."""
+    ok = document(hosts={"gitlab": host(webhook_secrets=[])}, routes=[route(name="a", webhook_secrets=[{"env": "A"}])])
+    assert parse_routing(ok, source="routing.yaml").routes[0].webhook_secrets[0].env == "A"
+    text = document(hosts={"gitlab": host(webhook_secrets=[])},
+                    routes=[route(name="a", webhook_secrets=[{"env": "A"}]), route(name="b")])
+    assert problems(text) == ["routing.yaml: routes[1].webhook_secrets: host 'gitlab' has no webhook_secrets of its own, so "
+                              "this route needs its own webhook_secrets (or signing_secrets): no delivery could ever be "
+                              "authenticated for it"]
+    github = document(hosts={"hub": host(kind="github")}, routes=[route(name="a", host="hub", signing_secrets=[{"env": "S"}])])
+    assert problems(github) == ["routing.yaml: routes[0].signing_secrets: signing_secrets is GitLab's signing token; "
+                                "github and gitea sign with webhook_secrets"]
 
 
 def test_routing_file_model_accepts_exactly_what_parse_routing_accepts() -> None:

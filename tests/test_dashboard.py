@@ -34,10 +34,12 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 SAME_ORIGIN = {**FORM, "Origin": "http://testserver"}
 
 
-def push_body(*, repo: str = "acme/shop-api", ref: str = "refs/heads/main", sha: str = SHA1) -> bytes:
+def push_body(*, repo: str = "acme/shop-api", ref: str = "refs/heads/main", sha: str = SHA1,
+              web: str = "https://gitlab.example.com") -> bytes:
     data = json.loads(payload("gitlab/push-branch-update.json"))
     data.update(ref=ref, before="0" * 40, after=sha, checkout_sha=sha)
     data["project"]["path_with_namespace"] = repo
+    data["project"]["web_url"] = f"{web}/{repo}"  # on the host's own origin, naming the repo (issue 11)
     data["commits"] = [{"id": sha, "message": "change\n"}]
     return json.dumps(data).encode()
 
@@ -45,18 +47,20 @@ def push_body(*, repo: str = "acme/shop-api", ref: str = "refs/heads/main", sha:
 class Board:
     """The web app (dashboard included) and an orchestrator sharing one Redis and one fake cluster."""
 
-    def __init__(self, settings: Settings, redis_url: str, *, with_cluster: bool = True) -> None:
+    def __init__(self, settings: Settings, redis_url: str, *, with_cluster: bool = True,
+                 base_url: str = "http://testserver") -> None:
         self.cluster = FakeCluster(service_accounts={("ci", "pipeline-bot")})
         self.host = FakeGitHost()
         self.store = SyncStore(redis_url, timeout=2)
         self.orch = Orchestrator(settings=settings, store=self.store, cluster=self.cluster,
                                  git_hosts={"gitlab": self.host}, resolver=FakeResolver())
         self.ops = Operations(settings=settings, store=self.store, cluster=self.cluster if with_cluster else None)
-        self.client = TestClient(create_app(settings, operations=self.ops))
+        self.client = TestClient(create_app(settings, operations=self.ops), base_url=base_url)
         self.client.__enter__()
+        self.web = settings.routing.hosts["gitlab"].api_url.removesuffix("/api/v4")
 
     def push(self, key: str, *, expect: int = 202, **kw: Any) -> str:
-        r = self.client.post("/hooks/gitlab", content=push_body(**kw),
+        r = self.client.post("/hooks/gitlab", content=push_body(web=self.web, **kw),
                              headers={"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRETS["GITLAB_WEBHOOK_SECRET"],
                                       "Idempotency-Key": key})
         assert r.status_code == expect, r.text
@@ -331,7 +335,7 @@ def test_on_the_embedded_defaults_with_no_token_set_actions_need_no_token(tmp_pa
     """Like the API: a laptop's `./run serve` with no CIBROKER_API_TOKENS acts as `local`."""
     settings = load_settings({**SECRETS, "CIBROKER_STATE_DIR": str(tmp_path / "state"), "CIBROKER_REDIS_URL": redis_url})
     assert settings.embedded_defaults
-    b = Board(settings, redis_url)
+    b = Board(settings, redis_url, base_url="http://127.0.0.1:8080")  # tokenless answers only loopback requests (issue 11)
     try:
         delivery_id = b.push("a", repo="gitlab-org/hello-world")
         page = b.client.get(f"/deliveries/{delivery_id}").text

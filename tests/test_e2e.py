@@ -29,7 +29,7 @@ def routing_file(tmp_path: Path) -> Path:
 def server(tmp_path: Path, redis_url: str, routing_file: Path) -> Iterator[str]:
     port = free_port()
     proc = Process(["serve", "--config", str(routing_file), "--port", str(port)],
-                   env=base_env(tmp_path, CIBROKER_REDIS_URL=redis_url, CIBROKER_API_TOKENS="t"), cwd=tmp_path,
+                   env=base_env(tmp_path, CIBROKER_REDIS_URL=redis_url, CIBROKER_API_TOKENS="e2e-test-token-at-least-24-chars"), cwd=tmp_path,
                    log=tmp_path / "serve.log")
     url = f"http://127.0.0.1:{port}"
     try:

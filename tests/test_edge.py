@@ -15,7 +15,7 @@ from broker.delivery import INDEX_KEY
 from broker.web import create_app
 from tests.support import SECRETS, RedisServer, make_settings, payload
 
-API_TOKEN = "api-token-for-tests"
+API_TOKEN = "api-token-for-the-edge-tests"
 GITLAB_PUSH = "gitlab/push-branch-update.json"
 PUSH_HEADERS = {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "topsecret", "Content-Type": "application/json"}
 
@@ -65,22 +65,35 @@ def test_accepted_push_is_stored_and_queued_before_the_202(client: TestClient, d
     stored = api(client, f"/api/deliveries/{answer['delivery_id']}").json()
     assert stored["decision"] == "accepted" and stored["state"] == "queued"
     assert stored["push"]["repo"] == "gitlab-org/hello-world"
-    assert stored["identity"] == {"source": "idempotency-key", "value": "key-1"}
+    assert stored["identity"]["source"] == "push fingerprint"  # unsigned headers never decide it (issue 11)
+    assert stored["identity"]["value"] == stored["fingerprint"]
+    assert stored["headers"]["idempotency-key"] == "key-1"  # kept for people
     assert stored["authenticated_by"] == "X-Gitlab-Token"
     assert [e["step"] for e in stored["log"]] == ["received", "authenticated", "deduplicated", "matched", "queued"]
 
 
 def test_second_copy_of_a_delivery_is_a_duplicate_and_not_queued(client: TestClient, db: redis.Redis) -> None:
-    """The same Idempotency-Key twice: 202 then 200 duplicate naming the first delivery; one message."""
+    """The same push twice: 202 then 200 duplicate naming the first delivery; one message."""
     first = push(client, **{"Idempotency-Key": "same"}).json()
     second = push(client, **{"Idempotency-Key": "same"})
     assert second.status_code == 200
     assert second.json()["decision"] == "duplicate"
     assert second.json()["delivery_id"] == first["delivery_id"]
+    assert second.json()["reason"] == f"already received as delivery {first['delivery_id']} (same push fingerprint)"
     assert len(queued(db)) == 1
     stored = api(client, f"/api/deliveries/{first['delivery_id']}").json()
     assert stored["duplicates"] == 1
     assert stored["log"][-1]["step"] == "duplicate"
+    assert "by push fingerprint" in stored["log"][-1]["detail"]
+
+
+def test_a_replay_with_new_unsigned_delivery_headers_is_still_a_duplicate(client: TestClient, db: redis.Redis) -> None:
+    """Issue 11 gap 2: a new Idempotency-Key / event UUIDs (unsigned) do not make a replayed push new."""
+    first = push(client, **{"Idempotency-Key": "original", "X-Gitlab-Event-UUID": "u1", "X-Gitlab-Webhook-UUID": "w1"}).json()
+    for n in range(3):
+        again = push(client, **{"Idempotency-Key": f"replay-{n}", "X-Gitlab-Event-UUID": f"u-{n}", "X-Gitlab-Webhook-UUID": f"w-{n}"})
+        assert (again.status_code, again.json()["decision"], again.json()["delivery_id"]) == (200, "duplicate", first["delivery_id"])
+    assert len(queued(db)) == 1
 
 
 def test_without_delivery_headers_the_push_fingerprint_deduplicates(client: TestClient, db: redis.Redis) -> None:
@@ -94,9 +107,9 @@ def test_without_delivery_headers_the_push_fingerprint_deduplicates(client: Test
 
 
 def test_deliveries_of_one_host_do_not_deduplicate_another_hosts(tmp_path: Path, redis_url: str, db: redis.Redis) -> None:
-    """Dedup keys are per host: the same Idempotency-Key on two hosts is two deliveries."""
+    """Dedup keys are per host: the same push (and the same Idempotency-Key) on two hosts is two deliveries."""
     routing = (Path(__file__).parent / "support.py").read_text().split('ROUTING = """')[1].split('"""')[0]
-    routing = routing.replace("  gitlab-signed:", "  gitlab-two:\n    kind: gitlab\n    api_url: https://gitlab.example.com/api/v4\n    webhook_secrets: [{env: GITLAB_WEBHOOK_SECRET}]\n  gitlab-signed:")
+    routing = routing.replace("  gitlab-signed:", "  gitlab-two:\n    kind: gitlab\n    api_url: https://gitlab.com/api/v4\n    webhook_secrets: [{env: GITLAB_WEBHOOK_SECRET}]\n  gitlab-signed:")
     routing += "  - {name: two, host: gitlab-two, repo: '**', events: {branches: ['**']}, pipeline: p, image: i}\n"
     settings = make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url})
     with TestClient(create_app(settings)) as c:
@@ -143,7 +156,7 @@ def test_push_no_route_takes_is_ignored_naming_repo_and_ref(tmp_path: Path, redi
     """A repo no route matches: 200 ignored code no_route, the reason names repo and branch."""
     routing = """
 hosts:
-  gitlab: {kind: gitlab, api_url: https://gitlab.example.com/api/v4, webhook_secrets: [{env: GITLAB_WEBHOOK_SECRET}]}
+  gitlab: {kind: gitlab, api_url: https://gitlab.com/api/v4, webhook_secrets: [{env: GITLAB_WEBHOOK_SECRET}]}
 routes:
   - {name: shop, host: gitlab, repo: acme/*, events: {branches: [main]}, pipeline: p, image: i}
 """

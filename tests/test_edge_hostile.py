@@ -8,6 +8,10 @@ YAML and Unicode metacharacters in refs, repo paths and commit messages. For eve
 a precise 4xx or 200 with a reason, never a 5xx; a task message is queued exactly when the
 answer is 202; a 202 only for an authenticated push, and then the PipelineRun it would make
 passes the fake API server's own name and label validation. No answer carries a secret.
+
+Issue 11's rules are played too: a project URL for another repo, host, scheme or port is never
+accepted; a route-scoped secret (host `gitlab-scoped`) accepts only its own route's repos; and a
+header-only credential (GitLab's token) is judged before the body's size.
 """
 
 from __future__ import annotations
@@ -32,14 +36,31 @@ from broker.pipelinerun import RunRequest, render
 from broker.web import create_app
 from config.settings import Settings
 from tests.fakes.kube_store import Store
+from tests.support import ROUTING as BASE_ROUTING
 from tests.support import SECRETS, make_settings, payload
 
 MAX_BODY = 64 * 1024
+HOSTILE_TOKEN = "hostile-input-test-api-token"
 PUSHES = {"gitlab": "gitlab/push-branch-update.json", "gitlab-signed": "gitlab/push-branch-update.json",
+          "gitlab-scoped": "gitlab/push-branch-update.json",
           "github": "github/push-branch-update-signed.json", "gitea": "gitea/push-three-commits.json"}
 EVENT = {"gitlab": ("X-Gitlab-Event", "Push Hook"), "gitlab-signed": ("X-Gitlab-Event", "Push Hook"),
+         "gitlab-scoped": ("X-Gitlab-Event", "Push Hook"),
          "github": ("X-GitHub-Event", "push"), "gitea": ("X-Gitea-Event", "push")}
 ANSWERS = {200, 202, 400, 401, 403, 404, 405, 408, 413, 415}
+# Where each host serves project pages (from its api_url in tests/support.py ROUTING, or below).
+WEB = {"gitlab": "https://gitlab.com", "gitlab-signed": "https://gitlab.example.com", "gitlab-scoped": "https://gitlab.com",
+       "github": "https://github.com", "gitea": "https://gitea.example.com"}
+# A host with no secret of its own: each route has one. The corpus push is for gitlab-org/hello-world.
+SCOPED = {"SCOPED_HELLO_SECRET": "route-secret-for-hello-world", "SCOPED_ACME_SECRET": "route-secret-for-acme-only"}
+SCOPED_ROUTES = {"scoped-hello": ("gitlab-org/*", "SCOPED_HELLO_SECRET"), "scoped-acme": ("acme/*", "SCOPED_ACME_SECRET")}
+ROUTING = BASE_ROUTING.replace("routes:\n", """  gitlab-scoped:
+    kind: gitlab
+    api_url: https://gitlab.com/api/v4
+routes:
+""", 1) + "".join(
+    f"  - {{name: {name}, host: gitlab-scoped, repo: '{repo}', events: {{branches: ['**'], tags: ['**']}}, pipeline: p, "
+    f"image: i, webhook_secrets: [{{env: {env}}}]}}\n" for name, (repo, env) in SCOPED_ROUTES.items())
 
 
 @dataclass
@@ -47,15 +68,17 @@ class Case:
     host: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
-    auth: str = "valid"  # valid | missing | wrong | other-host | stale | future
+    auth: str = "valid"  # valid | missing | wrong | other-host | stale | future | other-route (gitlab-scoped)
     oversize: bool = False
+    url: str = "own"  # own | other-repo | other-host | other-scheme | other-port | missing
 
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[tuple[TestClient, redis.Redis, Settings]]:
     """One app for all examples (module-scoped: Hypothesis runs hundreds of requests through it)."""
-    settings_ = make_settings(tmp_path_factory.mktemp("hostile"), environ={
-        "CIBROKER_REDIS_URL": redis_server.url, "CIBROKER_MAX_BODY_BYTES": str(MAX_BODY), "CIBROKER_API_TOKENS": "tok"})
+    settings_ = make_settings(tmp_path_factory.mktemp("hostile"), routing=ROUTING, environ={
+        "CIBROKER_REDIS_URL": redis_server.url, "CIBROKER_MAX_BODY_BYTES": str(MAX_BODY), "CIBROKER_API_TOKENS": HOSTILE_TOKEN,
+        **SCOPED})
     db = redis.Redis.from_url(redis_server.url)
     db.flushall()
     with TestClient(create_app(settings_), raise_server_exceptions=False) as client:
@@ -78,7 +101,10 @@ wrong_types = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow
 
 
 def base(host: str) -> dict[str, Any]:
-    return json.loads(payload(PUSHES[host]))
+    data = json.loads(payload(PUSHES[host]))
+    repo, url = REPO_FIELD[host], URL_FIELD[host]
+    set_path(data, url, f"{WEB[host]}/{data[repo[0]][repo[1]]}")  # the corpus payloads come from other hosts
+    return data
 
 
 def set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -92,16 +118,36 @@ def set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 REPO_FIELD = {"gitlab": ("project", "path_with_namespace"), "gitlab-signed": ("project", "path_with_namespace"),
+              "gitlab-scoped": ("project", "path_with_namespace"),
               "github": ("repository", "full_name"), "gitea": ("repository", "full_name")}
+URL_FIELD = {"gitlab": ("project", "web_url"), "gitlab-signed": ("project", "web_url"), "gitlab-scoped": ("project", "web_url"),
+             "github": ("repository", "html_url"), "gitea": ("repository", "html_url")}
+
+
+def tamper_url(data: Any, host: str, how: str) -> None:
+    """Point the payload's project URL elsewhere (`how`), keeping its claimed repo."""
+    if how == "own" or not isinstance(data, dict):
+        return
+    repo_at = data.get(REPO_FIELD[host][0])
+    repo = repo_at.get(REPO_FIELD[host][1]) if isinstance(repo_at, dict) else None
+    repo = repo if isinstance(repo, str) else "x/y"
+    web = WEB[host]
+    url = {"other-repo": f"{web}/someone/else", "other-host": f"https://evil.example/{repo}",
+           "other-scheme": web.replace("https://", "http://") + f"/{repo}", "other-port": f"{web}:8443/{repo}",
+           "missing": None}[how]
+    set_path(data, URL_FIELD[host], url)
 FIELDS = [("ref",), ("after",), ("before",), ("commits",), ("project",), ("repository",), ("project_id",),
           ("checkout_sha",), ("head_commit",), ("object_kind",), ("deleted",), ("push_options",), ("total_commits_count",)]
 
 
 @st.composite
-def bodies(draw: st.DrawFn, host: str) -> tuple[bytes, bool]:
-    """A body for `host`, and whether it is over the size limit."""
+def bodies(draw: st.DrawFn, host: str, url: str = "own") -> tuple[bytes, bool]:
+    """A body for `host` (its project URL as `url` says), and whether it is over the size limit."""
     kind = draw(st.sampled_from(["valid", "text", "text", "text", "type", "missing", "broken", "not-object", "bytes", "huge"]))
     data = base(host)
+    tamper_url(data, host, url)
+    if draw(st.integers(0, 4)):  # mostly a new push (a new `before`); else the corpus one, which soon is a duplicate
+        data["before"] = draw(st.text(alphabet="0123456789abcdef", min_size=40, max_size=40))
     if kind == "valid":
         pass
     elif kind == "text":
@@ -141,6 +187,11 @@ def sign(case: Case, *, now: float) -> None:
     """Set the host's credential headers as `case.auth` says (an unknown host gets GitLab's)."""
     host, body, auth = case.host if case.host != "bitbucket" else "gitlab", case.body, case.auth
     gitlab_secret = SECRETS["GITLAB_WEBHOOK_SECRET"]
+    if host == "gitlab-scoped":
+        if auth != "missing":
+            case.headers["X-Gitlab-Token"] = {"valid": SCOPED["SCOPED_HELLO_SECRET"], "other-route": SCOPED["SCOPED_ACME_SECRET"],
+                                              "other-host": gitlab_secret}.get(auth, "not-the-secret")
+        return
     own = {"gitlab": gitlab_secret, "github": SECRETS["GITHUB_WEBHOOK_SECRET"], "gitea": SECRETS["GITEA_WEBHOOK_SECRET"]}
     other = {"gitlab": SECRETS["GITEA_WEBHOOK_SECRET"], "github": SECRETS["GITEA_WEBHOOK_SECRET"],
              "gitea": gitlab_secret, "gitlab-signed": gitlab_secret}
@@ -167,12 +218,14 @@ def sign(case: Case, *, now: float) -> None:
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
-    host = draw(st.sampled_from(["gitlab"] * 4 + ["gitlab-signed", "github", "gitea"] * 2 + ["bitbucket"]))
+    host = draw(st.sampled_from(["gitlab"] * 4 + ["gitlab-signed", "github", "gitea", "gitlab-scoped"] * 2 + ["bitbucket"]))
     known = host if host != "bitbucket" else "gitlab"
-    body, oversize = draw(bodies(known))
+    url = draw(st.sampled_from(["own"] * 12 + ["other-repo", "other-host", "other-scheme", "other-port", "missing"]))
+    body, oversize = draw(bodies(known, url))
     auth = draw(st.sampled_from(["valid"] * 8 + ["missing", "wrong", "other-host"]
-                                + (["stale", "future"] if host == "gitlab-signed" else [])))
-    case = Case(host=host, body=body, auth=auth, oversize=oversize)
+                                + (["stale", "future"] if host == "gitlab-signed" else [])
+                                + (["other-route"] * 3 if host == "gitlab-scoped" else [])))
+    case = Case(host=host, body=body, auth=auth, oversize=oversize, url=url)
     name, value = EVENT[known]
     case.headers[name] = draw(st.sampled_from([value] * 8 + ["Merge Request Hook", "ping", ""]))
     case.headers["Content-Type"] = draw(st.sampled_from(["application/json"] * 10 + ["text/plain", "application/xml", ""]))
@@ -185,13 +238,19 @@ def cases(draw: st.DrawFn) -> Case:
 
 
 def expected_refusal(case: Case) -> int | None:
-    """The status the edge must answer before it looks at the payload, if any."""
+    """The status the edge must answer before it looks at the payload, if any.
+
+    Headers first: a missing credential is 401 and a wrong GitLab token 403 whatever the body's
+    size (no body is read for them); then the size; then signatures over the body.
+    """
     if case.host == "bitbucket":
         return 404
-    if case.oversize:
-        return 413
     if case.auth == "missing":
         return 401
+    if case.host in ("gitlab", "gitlab-scoped") and case.auth in ("wrong", "other-host"):
+        return 403
+    if case.oversize:
+        return 413
     if case.auth in ("wrong", "other-host", "stale", "future"):
         return 403
     return None
@@ -230,13 +289,19 @@ def test_every_hostile_request_gets_a_precise_answer_and_only_valid_pushes_are_q
     if r.status_code >= 400:
         assert set(answer) == {"error"} and isinstance(answer["error"], str) and answer["error"]
         return
-    assert case.auth == "valid" and case.host != "bitbucket" and not case.oversize
+    assert case.auth in ("valid", "other-route") and case.host != "bitbucket" and not case.oversize
+    if r.status_code == 202:
+        # Only a push whose project URL is its host's and names its repo; a route secret only for its own repos.
+        assert case.url == "own", (case.url, r.text)
+        assert case.auth == "valid"
+        if case.host == "gitlab-scoped":
+            assert answer["routes"] == ["scoped-hello"]
     if r.status_code == 200:
         assert answer["decision"] in ("ignored", "duplicate") and answer["reason"]
         event(f"200 {answer.get('code', 'duplicate')}")
         return
     assert answer["decision"] == "accepted" and answer["routes"]
-    stored = client.get(f"/api/deliveries/{answer['delivery_id']}", headers={"Authorization": "Bearer tok"}).json()
+    stored = client.get(f"/api/deliveries/{answer['delivery_id']}", headers={"Authorization": f"Bearer {HOSTILE_TOKEN}"}).json()
     assert stored["decision"] == "accepted"
     check_renderable(settings_, stored)
 

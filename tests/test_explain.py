@@ -88,7 +88,9 @@ def test_explain_says_when_authentication_would_fail_and_still_explains(settings
 
 
 def test_explain_guesses_the_event_header_and_the_host(settings: Settings) -> None:
-    body = payload("gitlab/tag-push-annotated-created.json")
+    data = json.loads(payload("gitlab/tag-push-annotated-created.json"))
+    data["project"]["web_url"] = "https://gitlab.com/test/woodpecker"  # on the host it is explained for (issue 11)
+    body = json.dumps(data).encode()
     with pytest.raises(Exception, match="cannot tell which host"):
         explain(settings, body=body)  # two GitLab hosts in this routing file
     report = explain(settings, body=body, host_id="gitlab")
@@ -107,10 +109,12 @@ def test_explain_check_fails_ci_on_payloads_that_would_not_build(tmp_path: Path)
     headers.write_text(json.dumps({"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRETS["GITLAB_WEBHOOK_SECRET"]}))
     pushed = tmp_path / "push.json"
     data = json.loads(payload("gitlab/push-branch-update.json"))
+    data["project"]["web_url"] = "https://gitlab.example.com/gitlab-org/hello-world"  # that file's host (issue 11)
     pushed.write_text(json.dumps(data))
     code, out, _ = run_cli("explain", str(pushed), "--headers", str(headers), "--config", str(config), "--check")
     assert code == 1 and "no_route" not in out and "ignored" in out  # gitlab-org/hello-world is not routed there
     data["project"]["path_with_namespace"] = "acme/shop-api"
+    data["project"]["web_url"] = "https://gitlab.example.com/acme/shop-api"
     data["ref"] = "refs/heads/main"
     pushed.write_text(json.dumps(data))
     code, out, _ = run_cli("explain", str(pushed), "--headers", str(headers), "--config", str(config), "--check")

@@ -29,6 +29,7 @@ def body(*, ref: str = "refs/heads/main", sha: str = SHA1, before: str = "0" * 4
     data.update(ref=ref, before=before, after=after or sha, checkout_sha=sha)
     data["object_kind"] = "tag_push" if ref.startswith("refs/tags/") else "push"
     data["project"]["path_with_namespace"] = "acme/shop-api"
+    data["project"]["web_url"] = "https://gitlab.example.com/acme/shop-api"  # the routing file's host (issue 11)
     data["commits"] = [{"id": sha, "message": "change\n"}]
     return json.dumps(data).encode()
 
@@ -90,8 +91,11 @@ def test_accepted_push_creates_one_pipelinerun_and_reports_pending(world: World)
 
 
 def test_the_same_push_delivered_twice_makes_one_run_and_one_pending(world: World) -> None:
-    """A project hook and a group hook (two delivery ids) for one push: one PipelineRun, one pending."""
-    first, second = world.push("project-hook"), world.push("group-hook")
+    """Two deliveries that build the same commit on the same route: one PipelineRun, one pending.
+
+    (The edge now answers a second hook for the very same push `duplicate` by its push fingerprint,
+    issue 11; a delivery that differs only in `before` still reaches the worker, whose run name dedups.)"""
+    first, second = world.push("project-hook"), world.push("group-hook", before="3" * 40)
     world.orch.start(first, token="t1")
     world.orch.start(second, token="t2")
     assert len(world.cluster.runs) == 1

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from broker.errors import Rejected
 from broker.events import ZERO_SHA, Ignored, PushEvent, RefKind
 from broker.sources import source_for
-from broker.sources.common import COMMIT_ID, REPO_PATH, split_ref
+from broker.sources.common import COMMIT_ID, REPO_PATH, check_project_url, push_fingerprint, split_ref, web_base
 from tests.support import CORPUS, FIXTURES, headers_of, payload, read_json
 
 GOLDEN = FIXTURES / "golden"
@@ -645,45 +645,29 @@ GITLAB_IDS = {
 }
 
 
-def gitlab_identity(**headers: str) -> Any:
+def gitlab_identity(authenticated_by: str = "X-Gitlab-Token", **headers: str) -> Any:
     event = built("gitlab", payload(GITLAB_PUSH), GITLAB_HEADERS)
-    return source_for("gitlab").identity({**GITLAB_HEADERS, **headers}, event)
+    return source_for("gitlab").identity({**GITLAB_HEADERS, **headers}, event, authenticated_by=authenticated_by)
 
 
-def test_gitlab_identity_prefers_idempotency_key() -> None:
-    """Idempotency-Key wins over webhook-id and the event/webhook UUIDs."""
-    first = gitlab_identity(**GITLAB_IDS)
-    assert first.source == "idempotency-key" and first.value == "idem-1"
-    assert gitlab_identity(**{**GITLAB_IDS, "webhook-id": "other"}).key == first.key
-    assert gitlab_identity(**{**GITLAB_IDS, "idempotency-key": "idem-other"}).key != first.key
-
-
-def test_gitlab_identity_falls_back_to_webhook_id() -> None:
-    """Without Idempotency-Key, the signing token's webhook-id identifies the delivery."""
-    ids = {k: v for k, v in GITLAB_IDS.items() if k != "idempotency-key"}
-    identity = gitlab_identity(**ids)
-    assert identity.source == "webhook-id" and identity.value == "msg_2"
-    assert gitlab_identity(**{**ids, "x-gitlab-event-uuid": "other"}).key == identity.key
-
-
-def test_gitlab_identity_uses_event_and_webhook_uuid_together() -> None:
-    """Then X-Gitlab-Event-UUID + X-Gitlab-Webhook-UUID: one event delivered to two hooks is two deliveries."""
-    both = gitlab_identity(**{"x-gitlab-event-uuid": "event-3", "x-gitlab-webhook-uuid": "hook-4"})
-    assert both.source == "x-gitlab-event-uuid + x-gitlab-webhook-uuid"
-    other_hook = gitlab_identity(**{"x-gitlab-event-uuid": "event-3", "x-gitlab-webhook-uuid": "hook-5"})
-    assert other_hook.key != both.key
-
-
-def test_gitlab_identity_falls_back_to_a_fingerprint_of_the_push() -> None:
-    """With no id headers (or only half the UUID pair) the push itself is fingerprinted."""
+def test_gitlab_unsigned_delivery_headers_never_decide_the_identity() -> None:
+    """Idempotency-Key, the event/webhook UUIDs and an unverified webhook-id are unsigned: the push fingerprint decides."""
     alone = gitlab_identity()
-    assert alone.source.startswith("fingerprint")
-    assert gitlab_identity(**{"x-gitlab-event-uuid": "event-3"}) == alone
-    assert gitlab_identity(**{"x-request-id": "ignored"}) == alone
+    assert alone.source == "push fingerprint"
+    assert gitlab_identity(**GITLAB_IDS) == alone
+    assert gitlab_identity(**{**GITLAB_IDS, "idempotency-key": "idem-other", "webhook-id": "other"}) == alone
+
+
+def test_gitlab_signed_webhook_id_is_the_identity_when_the_signature_verified() -> None:
+    """Under a verified signing-token signature, webhook-id (inside the signed string) identifies the delivery."""
+    signed = gitlab_identity("webhook-signature", **GITLAB_IDS)
+    assert signed.source == "webhook-id" and signed.value == "msg_2"
+    assert gitlab_identity("webhook-signature + X-Gitlab-Token", **GITLAB_IDS).key == signed.key
+    assert gitlab_identity("webhook-signature", **{**GITLAB_IDS, "webhook-id": "msg_3"}).key != signed.key
 
 
 def test_gitlab_fingerprint_is_equal_for_the_same_push_and_differs_for_another_after() -> None:
-    """Same (project, ref, before, after) gives the same fingerprint; a different after a different one."""
+    """Same (host, repo, ref, before, after) gives the same fingerprint; a different after a different one."""
     source = source_for("gitlab")
     same = built("gitlab", payload(GITLAB_PUSH), GITLAB_HEADERS)
     again = built("gitlab", json.dumps(corpus_json(GITLAB_PUSH), indent=1).encode(), GITLAB_HEADERS)
@@ -692,28 +676,75 @@ def test_gitlab_fingerprint_is_equal_for_the_same_push_and_differs_for_another_a
     assert source.identity({}, same).key != source.identity({}, moved).key
 
 
-def test_github_identity_is_hook_id_plus_delivery() -> None:
-    """X-GitHub-Hook-ID + X-GitHub-Delivery: a redelivery matches, the same delivery to another hook does not."""
-    source = source_for("github")
+def test_push_fingerprint_names_host_repo_ref_before_after() -> None:
+    """Each of the five parts changes the digest, except the repo path's case (GitLab and GitHub ignore it)."""
+    base = {"host": "gitlab", "repo": "acme/app", "ref": "refs/heads/main", "before": "a" * 40, "after": "b" * 40}
+    digest = push_fingerprint(**base)
+    assert push_fingerprint(**{**base, "repo": "ACME/App"}) == digest
+    for key, other in (("host", "gitlab-2"), ("repo", "acme/other"), ("ref", "refs/heads/dev"), ("before", "c" * 40),
+                       ("after", "c" * 40)):
+        assert push_fingerprint(**{**base, key: other}) != digest, key
+
+
+def test_github_and_gitea_identities_are_the_push_fingerprint() -> None:
+    """X-GitHub-Delivery, X-Gitea-Delivery and X-Forgejo-Delivery are not under the HMAC: only the push identifies it."""
+    github = source_for("github")
     event = built("github", payload(GITHUB_PUSH), GITHUB_HEADERS)
-    first = source.identity({"x-github-hook-id": "1", "x-github-delivery": "d-1"}, event)
-    assert first.source == "x-github-hook-id + x-github-delivery"
-    assert source.identity({"x-github-hook-id": "1", "x-github-delivery": "d-1"}, event) == first
-    assert source.identity({"x-github-hook-id": "2", "x-github-delivery": "d-1"}, event).key != first.key
-    assert source.identity({"x-github-delivery": "d-1"}, event).source == "x-github-delivery"
-    assert source.identity({}, event).source.startswith("fingerprint")
-
-
-def test_gitea_identity_is_the_delivery_header() -> None:
-    """X-Gitea-Delivery identifies a Gitea delivery; Forgejo's X-Forgejo-Delivery is preferred when sent."""
-    source = source_for("gitea")
+    first = github.identity({"x-github-hook-id": "1", "x-github-delivery": "d-1"}, event, authenticated_by="X-Hub-Signature-256")
+    assert first.source == "push fingerprint"
+    assert github.identity({"x-github-delivery": "d-2"}, event) == first
+    gitea = source_for("gitea")
     event = built("gitea", payload("gitea/push.json"), GITEA_HEADERS)
-    gitea = source.identity({"x-gitea-delivery": "ee8d97b4"}, event)
-    assert gitea.source == "x-gitea-delivery" and gitea.value == "ee8d97b4"
-    assert source.identity({"x-gitea-delivery": "other"}, event).key != gitea.key
-    forgejo = source.identity({"x-forgejo-delivery": "f-1", "x-gitea-delivery": "ee8d97b4"}, event)
-    assert forgejo.source == "x-forgejo-delivery"
-    assert source.identity({}, event).source.startswith("fingerprint")
+    assert gitea.identity({"x-gitea-delivery": "ee8d97b4"}, event) == gitea.identity({"x-forgejo-delivery": "f"}, event)
+    assert gitea.identity({}, event).source == "push fingerprint"
+
+
+@pytest.mark.parametrize(("kind", "api_url", "expected"), [
+    ("gitlab", "https://gitlab.example.com/api/v4", "https://gitlab.example.com"),
+    ("gitlab", "https://example.com/gitlab/api/v4/", "https://example.com/gitlab"),
+    ("gitlab", "http://10.0.0.5:8080/api/v4", "http://10.0.0.5:8080"),
+    ("gitlab", "https://GitLab.Example.com:443/api/v4", "https://gitlab.example.com"),
+    ("github", "https://api.github.com", "https://github.com"),
+    ("github", "https://api.acme.ghe.com", "https://acme.ghe.com"),
+    ("github", "https://ghe.example.com/api/v3", "https://ghe.example.com"),
+    ("gitea", "https://gitea.example.com/api/v1", "https://gitea.example.com"),
+])
+def test_web_base_is_derived_from_the_api_url(kind: str, api_url: str, expected: str) -> None:
+    """Project URLs live on the API's origin without its /api/vN suffix (github.com: api.github.com's pages)."""
+    assert str(web_base(kind, api_url)) == expected
+
+
+def event_at(url: str, repo: str = "acme/app") -> PushEvent:
+    return PushEvent(host="gitlab", host_kind="gitlab", event="Push Hook", kind=RefKind.BRANCH, repo=repo, repo_id="1",
+                     ref="refs/heads/main", name="main", before=ZERO_SHA, sha="a" * 40, sha_source="after", pushed="a" * 40,
+                     web_url=url)
+
+
+@pytest.mark.parametrize("url", ["https://gitlab.example.com/acme/app", "https://GITLAB.example.com:443/Acme/App/",
+                                 "https://gitlab.example.com/acme/APP"])
+def test_a_project_url_on_the_host_naming_the_repo_passes(url: str) -> None:
+    """Scheme, host and port equal (default ports normalised); the path names the repo, case-insensitively."""
+    check_project_url(event_at(url), web_base("gitlab", "https://gitlab.example.com/api/v4"), field_name="project.web_url")
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("https://gitlab.example.com/other/repo", "names another project"),
+    ("https://gitlab.example.com/acme/app/../other", "names another project"),
+    ("https://gitlab.example.com/acme/app/sub", "names another project"),
+    ("http://gitlab.example.com/acme/app", "is not on this host"),
+    ("https://gitlab.example.com:8443/acme/app", "is not on this host"),
+    ("https://gitlab.example.com.evil.test/acme/app", "is not on this host"),
+    ("https://evil.test/acme/app", "is not on this host"),
+    ("https://user@gitlab.example.com/acme/app", "is not on this host"),
+    ("https://gitlab.example.com/acme/app?x=1", "is not on this host"),
+    ("https://gitlab.example.com:99999/acme/app", "is not a URL"),
+    ("", "is missing"),
+])
+def test_a_project_url_elsewhere_or_for_another_repo_is_403(url: str, why: str) -> None:
+    """Issue 11 gap 1: a payload for acme/app whose project URL points elsewhere is refused, saying why."""
+    with pytest.raises(Rejected) as caught:
+        check_project_url(event_at(url), web_base("gitlab", "https://gitlab.example.com/api/v4"), field_name="project.web_url")
+    assert caught.value.status == 403 and why in caught.value.reason
 
 
 # --- property: nothing but a PushEvent, an Ignored or a 400 ---------------------------------------------

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Any
-from urllib.parse import parse_qs
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -154,11 +154,86 @@ def is_zero(sha: str | None) -> bool:
     return not sha or sha == ZERO_SHA or set(sha) == {"0"}
 
 
+def push_fingerprint(*, host: str, repo: str, ref: str, before: str, after: str) -> str:
+    """The digest that names one push: (host id, repo path, ref, before, after).
+
+    The same push delivered twice (a resend, a replay with new unsigned headers, a second hook)
+    has the same fingerprint. Repo paths compare case-insensitively (GitLab and GitHub treat them
+    so). Pure, so a reconciler can compute it from a stored record or a host's API answer.
+    """
+    raw = "\x1f".join((host, repo.lower(), ref, before.lower(), after.lower()))
+    return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+FINGERPRINT_SOURCE = "push fingerprint"
+
+
 def fingerprint(event: PushEvent) -> Identity:
-    """Identity from the push itself when the host sent no delivery id: same push, same key."""
-    raw = "\x1f".join((event.repo_id, event.ref, event.before, event.pushed))
-    digest = hashlib.sha256(raw.encode()).hexdigest()[:32]
-    return Identity(source="fingerprint(repo id, ref, before, after)", value=digest, key=digest)
+    """The push fingerprint of an event as its deduplication identity."""
+    digest = push_fingerprint(host=event.host, repo=event.repo, ref=event.ref, before=event.before, after=event.pushed)
+    return Identity(source=FINGERPRINT_SOURCE, value=digest, key=digest)
+
+
+class WebBase(NamedTuple):
+    """Where a Git host serves its web pages (and so its project URLs): scheme, host name, port, path prefix."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str
+
+    def __str__(self) -> str:
+        default = {"https": 443, "http": 80}.get(self.scheme)
+        port = "" if self.port == default else f":{self.port}"
+        return f"{self.scheme}://{self.host}{port}{self.prefix}"
+
+
+# The payload field that holds the project's URL, per host kind (PushEvent.web_url comes from it).
+PROJECT_URL_FIELD = {"gitlab": "project.web_url", "github": "repository.html_url", "gitea": "repository.html_url"}
+API_SUFFIX = re.compile(r"/api(/v[0-9]+)?/?\Z")
+
+
+def web_base(kind: str, api_url: str) -> WebBase:
+    """The host's web origin and path prefix, from its API URL (routing file hosts.<id>.api_url).
+
+    GitLab `https://gitlab.example.com[/prefix]/api/v4`, Gitea `.../api/v1`, GitHub Enterprise
+    `https://ghe.example.com/api/v3` serve pages at the same origin without the API suffix;
+    github.com serves its API from api.github.com (and GHE.com from api.<name>.ghe.com).
+    """
+    parts = urlsplit(api_url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port or {"https": 443, "http": 80}.get(scheme, 0)
+    prefix = API_SUFFIX.sub("", parts.path).rstrip("/")
+    if kind == "github" and host.startswith("api.") and (host == "api.github.com" or host.endswith(".ghe.com")) and not prefix:
+        host = host.removeprefix("api.")
+    return WebBase(scheme, host, port, prefix)
+
+
+def check_project_url(event: PushEvent, base: WebBase, *, field_name: str) -> None:
+    """Rejected(403) unless the payload's project URL is `<host's web base>/<the repo it claims>`.
+
+    The URL must be on the host's own scheme, host and port, carry no user, query or fragment, and
+    its path must name the same project as the payload's path (case-insensitively, as GitLab and
+    GitHub compare project paths). Otherwise a payload for `acme/app` could point its clone URL at
+    another project.
+    """
+    url = event.web_url
+    if not url:
+        raise Rejected(403, f"payload field '{field_name}' is missing; cannot tell the project is on this host ({base})")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise Rejected(403, f"payload field '{field_name}' is not a URL") from None
+    scheme = parts.scheme.lower()
+    port = port or {"https": 443, "http": 80}.get(scheme, 0)
+    if (scheme, (parts.hostname or "").lower(), port) != (base.scheme, base.host, base.port) or parts.username is not None \
+            or parts.password is not None or parts.query or parts.fragment:
+        raise Rejected(403, f"payload field '{field_name}' is not on this host ({base}); refused")
+    path = parts.path.rstrip("/")
+    if path.lower() != f"{base.prefix}/{event.repo}".lower():
+        raise Rejected(403, f"payload field '{field_name}' names another project than {event.repo!r}; refused")
 
 
 def header_identity(headers: Mapping[str, str], *names: str) -> Identity | None:

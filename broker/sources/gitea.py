@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from broker.errors import Rejected
 from broker.events import Identity, Ignored, PushEvent
 from broker.sources import AuthPolicy
-from broker.sources.common import fingerprint, header_identity, load_json_or_form
+from broker.sources.common import fingerprint, load_json_or_form
 from broker.sources.github import check_hmac, push_event
 
 
@@ -33,8 +33,16 @@ class GiteaSource:
             return Ignored(code="event_not_built", reason=f"Gitea event {shown!r} is not built (only push)", event=event)
         return push_event(payload, event=event, host_id=host_id, host_kind=self.kind)
 
-    def identity(self, headers: Mapping[str, str], event: PushEvent) -> Identity:
-        return header_identity(headers, "x-forgejo-delivery", "x-gitea-delivery") or fingerprint(event)
+    def needs_body(self, policy: AuthPolicy) -> bool:
+        return True
+
+    def require_headers(self, headers: Mapping[str, str], *, policy: AuthPolicy) -> None:
+        if headers.get("x-forgejo-signature") is None and headers.get("x-gitea-signature") is None:
+            raise Rejected(401, "missing X-Gitea-Signature (or X-Forgejo-Signature)")
+
+    def identity(self, headers: Mapping[str, str], event: PushEvent, *, authenticated_by: str = "") -> Identity:
+        # X-Gitea-Delivery / X-Forgejo-Delivery are unsigned (the HMAC covers the body only).
+        return fingerprint(event)
 
 
 SOURCE = GiteaSource()

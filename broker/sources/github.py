@@ -20,7 +20,6 @@ from broker.sources.common import (
     display,
     field,
     fingerprint,
-    header_identity,
     is_zero,
     load_json_or_form,
     previous_sha,
@@ -117,8 +116,18 @@ class GitHubSource:
             return Ignored(code="event_not_built", reason=f"GitHub event {shown!r} is not built (only push)", event=event)
         return push_event(payload, event=event, host_id=host_id, host_kind=self.kind)
 
-    def identity(self, headers: Mapping[str, str], event: PushEvent) -> Identity:
-        return header_identity(headers, "x-github-hook-id+x-github-delivery", "x-github-delivery") or fingerprint(event)
+    def needs_body(self, policy: AuthPolicy) -> bool:
+        return True
+
+    def require_headers(self, headers: Mapping[str, str], *, policy: AuthPolicy) -> None:
+        # A lone X-Hub-Signature (SHA-1) passes here: authenticate() says why it is refused, or checks it.
+        if headers.get("x-hub-signature-256") is None and headers.get("x-hub-signature") is None:
+            raise Rejected(401, "missing X-Hub-Signature-256")
+
+    def identity(self, headers: Mapping[str, str], event: PushEvent, *, authenticated_by: str = "") -> Identity:
+        # X-GitHub-Delivery is not covered by the HMAC (the body is) and GitHub signs no timestamp:
+        # a replay could carry any delivery id, so only the push itself identifies the delivery.
+        return fingerprint(event)
 
 
 SOURCE = GitHubSource()

@@ -40,6 +40,17 @@ BY_OBJECT_KIND = {"Service Hook"}
 class GitLabSource:
     kind = "gitlab"
 
+    def needs_body(self, policy: AuthPolicy) -> bool:
+        return bool(policy.signing_secrets)  # the token alone is a header; the signature covers the body
+
+    def require_headers(self, headers: Mapping[str, str], *, policy: AuthPolicy) -> None:
+        if policy.signing_secrets:
+            missing = [n for n in ("webhook-id", "webhook-timestamp", "webhook-signature") if not headers.get(n)]
+            if missing:
+                raise Rejected(401, f"missing {', '.join(missing)} (this hook requires GitLab's signing token)")
+        if policy.webhook_secrets and headers.get("x-gitlab-token") is None:
+            raise Rejected(401, "missing X-Gitlab-Token")
+
     def authenticate(self, headers: Mapping[str, str], body: bytes, *, policy: AuthPolicy, now: float) -> str:
         used = []
         if policy.signing_secrets:
@@ -135,10 +146,14 @@ class GitLabSource:
             web_url=display(field(payload, "project.web_url", required=False) or "", limit=300),
         )
 
-    def identity(self, headers: Mapping[str, str], event: PushEvent) -> Identity:
-        return header_identity(
-            headers, "idempotency-key", "webhook-id", "x-gitlab-event-uuid+x-gitlab-webhook-uuid"
-        ) or fingerprint(event)
+    def identity(self, headers: Mapping[str, str], event: PushEvent, *, authenticated_by: str = "") -> Identity:
+        # webhook-id is inside the signed string ("id.timestamp.body") only when the signature verified;
+        # Idempotency-Key and the event UUIDs are unsigned, so they never make a delivery new.
+        if "webhook-signature" in authenticated_by:
+            signed = header_identity(headers, "webhook-id")
+            if signed is not None:
+                return signed
+        return fingerprint(event)
 
 
 def _push_option_skip(options: Any) -> str | None:
