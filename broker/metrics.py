@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -109,7 +111,14 @@ class EdgeMetrics:
                                 ("decision",), registry=self.registry,
                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
+    def track_in_flight(self, read: Callable[[], float]) -> None:
+        """Expose the webhooks being read or answered right now (read at scrape time: nothing per request)."""
+        gauge = Gauge("cibroker_webhooks_in_flight", "Webhook requests being read or answered by this process.",
+                      registry=self.registry)
+        gauge.set_function(read)
+
     def observe(self, *, host: str, event: str, decision: str, seconds: float) -> None:
+        """Count one answer. `host` and `event` must come from closed sets (the edge maps the rest to `other`)."""
         self.webhooks.labels(host, event or "unknown", decision).inc()
         self.ingest.labels(decision).observe(seconds)
 

@@ -68,12 +68,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(_answer("408 Request Timeout", "request headers not received in time"))
 
     def data_received(self, data: bytes) -> None:
-        if self._in_headers:
+        counting = self._in_headers
+        if counting:
             self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES:
-                self._refuse(_answer("431 Request Header Fields Too Large", "request headers are too large"))
-                return
         super().data_received(data)
+        # Still in the headers after this read: everything so far was request line and headers. (A read that
+        # completes them may carry body bytes too, so it is not counted against the cap; reads are bounded.)
+        if counting and self._in_headers and self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(_answer("431 Request Header Fields Too Large", "request headers are too large"))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

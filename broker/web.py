@@ -150,6 +150,7 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
     state: dict[str, Any] = {}
     edge_metrics = EdgeMetrics()
     inflight = [0]  # webhook requests between headers and answer in this process
+    edge_metrics.track_in_flight(lambda: inflight[0])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
