@@ -59,7 +59,7 @@ def test_fifty_concurrent_copies_of_one_delivery_make_one_accept(server: str, re
     assert sorted(r.json()["decision"] for r in answers) == ["accepted"] + ["duplicate"] * 49
     db = redis.Redis.from_url(redis_url)
     assert db.llen("cibroker") == 1
-    record = httpx.get(f"{server}/api/deliveries/{ids.pop()}", headers={"Authorization": "Bearer t"}).json()
+    record = httpx.get(f"{server}/api/deliveries/{ids.pop()}", headers={"Authorization": "Bearer e2e-test-token-at-least-24-chars"}).json()
     assert record["duplicates"] == 49
 
 

@@ -344,7 +344,8 @@ def test_git_host_unreachable_for_a_while_statuses_arrive_in_order_when_it_is_ba
 
 def test_duplicate_storm_and_resends_make_one_run(faulty: Stack, kube: FakeKubeAPI, record_property: Any) -> None:
     """The same delivery 100 times at once: one 202, 99 duplicates naming it. GitLab's later resend
-    (same Idempotency-Key) is a duplicate too; the same push from a second hook (new key) shares the run."""
+    (same Idempotency-Key) is a duplicate too, and so is the same push from a second hook (new key):
+    the push fingerprint decides, not unsigned headers (issue 11)."""
     stack = faulty
     sha = sha_of(0x50)
 
@@ -357,13 +358,14 @@ def test_duplicate_storm_and_resends_make_one_run(faulty: Stack, kube: FakeKubeA
         answers = asyncio.run(storm())
         assert sorted(r.status_code for r in answers) == [200] * 99 + [202]
         [first] = {r.json()["delivery_id"] for r in answers}
-        second_hook = stack.push("group-hook-copy", sha=sha)
+        second_hook = stack.push("group-hook-copy", sha=sha, expect=200)
+        assert second_hook == first
         settle(stack, [first, second_hook])
         resend = stack.post("storm", sha=sha)
         assert (resend.status_code, resend.json()["decision"], resend.json()["delivery_id"]) == (200, "duplicate", first)
         outcome = settle(stack, [first, second_hook], again_after=0)
     assert outcome.runs == 1 and outcome.deploys == 1
-    assert stack.delivery(first)["duplicates"] == 100
+    assert stack.delivery(first)["duplicates"] == 101
     record(record_property, outcome, scenario="duplicate storm x100 + resend + second hook", answers=len(answers) + 2)
 
 
