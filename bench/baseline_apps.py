@@ -1,8 +1,8 @@
 """The two reference endpoints the ingest benchmark compares the broker with (bench/README.md).
 
 Both are uvicorn factories, run by bench/ingest.py as
-    python -m uvicorn baseline_apps:bare_app --factory --app-dir bench ...
-with the same uvicorn options as `cibroker serve` sets.
+    python bench/baseline_apps.py baseline_apps:bare_app --port P --workers N
+which starts uvicorn with exactly the options `cibroker serve` sets (broker.serving).
 
 - `bare_app`: POST /hooks/{host_id} reads the body and answers 202 with a small JSON
   body. What Starlette + uvicorn cost with no work at all.
@@ -81,3 +81,26 @@ def durable_app() -> Starlette:
         routes=[Route("/hooks/{host_id}", hook, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
         lifespan=lifespan,
     )
+
+
+def main() -> None:
+    """Serve a factory with `cibroker serve`'s uvicorn options (loop, protocol, timeouts, caps)."""
+    import argparse
+    from pathlib import Path
+
+    import uvicorn
+
+    from broker import serving
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("factory")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    uvicorn.run(args.factory, factory=True, app_dir=str(Path(__file__).parent), host="127.0.0.1", port=args.port, workers=args.workers, access_log=False,
+                log_level="warning", server_header=False, timeout_graceful_shutdown=10, loop="uvloop",
+                **serving.uvicorn_options(keep_alive=5.0))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,15 @@
 --
 -- Same method, path, headers (-H) and body for every request; only the
 -- Idempotency-Key header changes: "<prefix>-<thread number>-<counter>", so no two
--- requests of one run (nor of two runs with different prefixes) share a key.
+-- requests of one run (nor of two runs with different prefixes) share a key; and the
+-- body's `before` (40 hex, a sentinel of 40 "e" in the file) becomes
+-- "<16 hex of BENCH_BEFORE_PREFIX><thread, 4 digits><counter, 20 digits>", so every
+-- request is also a distinct push (the broker deduplicates on the push fingerprint,
+-- not on the unsigned Idempotency-Key). Same length, so Content-Length holds.
 -- Environment (read by every wrk thread):
---   BENCH_BODY_FILE   file holding the request body (sent as is)
---   BENCH_KEY_PREFIX  unique per wrk invocation
+--   BENCH_BODY_FILE      file holding the request body (sent as is, but for the sentinel)
+--   BENCH_KEY_PREFIX     unique per wrk invocation
+--   BENCH_BEFORE_PREFIX  16 hex digits, unique per wrk invocation
 -- Any answer other than 202 is counted per status; done() prints one line
 --   BENCH_JSON {...}
 -- with the counts, wrk's error counters, requests, duration and latency
@@ -14,8 +19,10 @@
 
 local body_file = os.getenv("BENCH_BODY_FILE")
 local key_prefix = os.getenv("BENCH_KEY_PREFIX") or "bench"
+local before_prefix = os.getenv("BENCH_BEFORE_PREFIX") or "0123456789abcdef"
+local SENTINEL = string.rep("e", 40)
 local threads = {}          -- main Lua state only (setup and done run there)
-local head, tail, key_base  -- per thread: the request split around the key
+local head, middle, tail, key_base, before_base  -- per thread: the request split around the key and `before`
 local counter = 0
 
 -- Globals, read from each thread's state by done() through thread:get.
@@ -38,14 +45,18 @@ function init(args)
   wrk.headers["Idempotency-Key"] = "@@KEY@@"
   local req = wrk.format()
   local i, j = string.find(req, "@@KEY@@", 1, true)
+  local b, e = string.find(req, SENTINEL, j + 1, true)
+  assert(b, "the body has no 40-e sentinel for `before`")
   head = string.sub(req, 1, i - 1)
-  tail = string.sub(req, j + 1)
+  middle = string.sub(req, j + 1, b - 1)
+  tail = string.sub(req, e + 1)
   key_base = key_prefix .. "-" .. tostring(tid) .. "-"
+  before_base = before_prefix .. string.format("%04d", tid)
 end
 
 function request()
   counter = counter + 1
-  return head .. key_base .. counter .. tail
+  return head .. key_base .. counter .. middle .. before_base .. string.format("%020d", counter) .. tail
 end
 
 function response(status, headers, body)

@@ -51,6 +51,7 @@ BENCH = ROOT / "bench"
 LUA = BENCH / "distinct.lua"
 SOURCE_PAYLOAD = ROOT / "tests" / "fixtures" / "corpus" / "gitlab" / "push-14-commits-real.json"
 KEEP_COMMITS = 12  # the newest 12 of the 14 commits: compact JSON of 8170 bytes
+BEFORE_SENTINEL = "e" * 40  # replaced per request by distinct.lua (and by smoke()), same length
 SECRET = "bench-webhook-secret"
 PATH = "/hooks/gitlab"
 HEADERS = {"Content-Type": "application/json", "X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRET}
@@ -61,7 +62,7 @@ ROUTING = """\
 hosts:
   gitlab:
     kind: gitlab
-    api_url: https://gitlab.example.com/api/v4
+    api_url: https://repository.server.com/api/v4   # the benchmark payload's project is on this host
     webhook_secrets: [{env: GITLAB_WEBHOOK_SECRET}]
 routes:
   - name: bench
@@ -163,6 +164,7 @@ def build_body() -> bytes:
     """The real 14-commit GitLab push, trimmed to its newest KEEP_COMMITS commits, as compact JSON (~8 KB)."""
     payload = json.loads(SOURCE_PAYLOAD.read_text(encoding="utf-8"))
     payload["commits"] = payload["commits"][-KEEP_COMMITS:]
+    payload["before"] = BEFORE_SENTINEL  # distinct.lua makes it unique per request: every request a new push
     assert any(c["id"] == payload["checkout_sha"] for c in payload["commits"]), "the head commit must stay"
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     json.loads(body)
@@ -294,8 +296,9 @@ def endpoints(names: list[str], *, workers: int, redis_url: str, tmp: Path) -> l
     routing = tmp / "routing.yaml"
     routing.write_text(ROUTING)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIBROKER_", "GITLAB_", "GITHUB_", "GITEA_"))}
-    uvicorn_opts = ["--host", "127.0.0.1", "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
-                    "--no-access-log", "--log-level", "warning", "--no-server-header", "--timeout-graceful-shutdown", "10"]
+    # The baselines run through baseline_apps.py's launcher with exactly `cibroker serve`'s uvicorn options
+    # (broker.serving: the bounded httptools protocol, keep-alive, connection cap).
+    uvicorn_opts = ["--workers", str(workers)]
     cibroker = Path(sys.executable).with_name("cibroker")
     if not cibroker.exists():
         cibroker = Path(shutil.which("cibroker") or "cibroker")
@@ -308,7 +311,7 @@ def endpoints(names: list[str], *, workers: int, redis_url: str, tmp: Path) -> l
             factory = "baseline_apps:bare_app" if name == "bare" else "baseline_apps:durable_app"
             out.append(Endpoint(
                 name=name,
-                argv=[sys.executable, "-m", "uvicorn", factory, "--factory", "--app-dir", str(BENCH), "--port", str(port), *uvicorn_opts],
+                argv=[sys.executable, str(BENCH / "baseline_apps.py"), factory, "--port", str(port), *uvicorn_opts],
                 env={**base_env, "BENCH_REDIS_URL": redis_url}, ready_path="/healthz", log=tmp / f"{name}-w{workers}.log",
                 count="dbsize" if name == "durable" else None,
             ))
@@ -347,6 +350,7 @@ def wait_ready(endpoint: Endpoint, proc: subprocess.Popen[bytes], timeout: float
 def smoke(endpoint: Endpoint, body: bytes) -> None:
     """One request before the load: a readable failure when the endpoint does not answer 202."""
     url = f"http://127.0.0.1:{port_of(endpoint)}{PATH}"
+    body = body.replace(BEFORE_SENTINEL.encode(), os.urandom(20).hex().encode())
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={**HEADERS, "Idempotency-Key": f"smoke-{os.urandom(8).hex()}"})
     try:
@@ -367,7 +371,8 @@ def wrk(endpoint: Endpoint, *, concurrency: int, seconds: int, body_file: Path, 
     for name, value in HEADERS.items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(f"http://127.0.0.1:{port_of(endpoint)}{PATH}")
-    env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_KEY_PREFIX": key_prefix}
+    env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_KEY_PREFIX": key_prefix,
+           "BENCH_BEFORE_PREFIX": os.urandom(8).hex()}
     children_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -541,7 +546,8 @@ def main(argv: list[str]) -> int:
             "body_source": str(SOURCE_PAYLOAD.relative_to(ROOT)), "body_commits_kept": KEEP_COMMITS,
             "body_bytes": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
             "redis": "redis-server --appendonly yes --appendfsync everysec --save ''",
-            "uvicorn": "loop uvloop, http httptools, access log off, log level warning, no server header",
+            "uvicorn": "loop uvloop, http broker.serving:BoundedHttpToolsProtocol (httptools), access log off, log level "
+                       "warning, no server header, keep-alive 5 s, limit_concurrency 2048 (broker.serving.uvicorn_options)",
         },
     }
     print(header_text(info), flush=True)

@@ -111,11 +111,13 @@ class EdgeMetrics:
                                 ("decision",), registry=self.registry,
                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
-    def track_in_flight(self, read: Callable[[], float]) -> None:
-        """Expose the webhooks being read or answered right now (read at scrape time: nothing per request)."""
-        gauge = Gauge("cibroker_webhooks_in_flight", "Webhook requests being read or answered by this process.",
-                      registry=self.registry)
-        gauge.set_function(read)
+    def track_in_flight(self, bodies: Callable[[], float], reserved: Callable[[], float]) -> None:
+        """Expose the webhook bodies being read right now and the bytes they reserve (read at scrape time)."""
+        gauge = Gauge("cibroker_webhooks_in_flight", "Webhook bodies being read by this process.", registry=self.registry)
+        gauge.set_function(bodies)
+        held = Gauge("cibroker_webhook_body_bytes_reserved", "Bytes reserved by webhook bodies being read (their Content-Length).",
+                     registry=self.registry)
+        held.set_function(reserved)
 
     def observe(self, *, host: str, event: str, decision: str, seconds: float) -> None:
         """Count one answer. `host` and `event` must come from closed sets (the edge maps the rest to `other`)."""

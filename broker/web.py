@@ -149,8 +149,9 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
     origin = f"cibroker-web@{socket.gethostname()}:{os.getpid()}"
     state: dict[str, Any] = {}
     edge_metrics = EdgeMetrics()
-    inflight = [0]  # webhook requests between headers and answer in this process
-    edge_metrics.track_in_flight(lambda: inflight[0])
+    inflight = [0, 0]  # webhook bodies being read by this process right now, and the bytes they reserve
+    body_budget = env.max_inflight_webhooks * env.max_body_bytes
+    edge_metrics.track_in_flight(lambda: inflight[0], lambda: inflight[1])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -200,18 +201,9 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
             headers[name.decode("latin-1")] = value.decode("latin-1")
         host_id = scope["path"][7:]
         extra: list[tuple[bytes, bytes]] = []
-        if inflight[0] >= env.max_inflight_webhooks:
-            status, payload = 503, {"error": f"too many webhooks in flight here ({env.max_inflight_webhooks}); resend shortly"}
+        status, payload, unread = await _hook(scope, receive, headers, host_id, started)
+        if status == 503:
             extra.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
-            unread = True
-        else:
-            inflight[0] += 1
-            try:
-                status, payload, unread = await _hook(scope, receive, headers, host_id, started)
-            finally:
-                inflight[0] -= 1
-            if status == 503:
-                extra.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
         if unread:
             # The body was not (wholly) read. With `Expect: 100-continue` the client waits for our word and
             # sends nothing; otherwise it is sending: take it off the wire (bounded) so it can read this answer.
@@ -252,7 +244,20 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
                     raise Refusal(400, "Content-Length is not a number")
                 if int(length) > env.max_body_bytes:
                     raise Refusal(413, f"body is larger than the {env.max_body_bytes}-byte limit")
-            body = await read_body(receive, env.max_body_bytes)
+            # Bodies being read are what an unauthenticated client can make this process hold, so their
+            # bytes are capped: each reserves its Content-Length (chunked: the whole limit) until read,
+            # within max_inflight_webhooks full-size bodies. A burst of small pushes never meets it.
+            reserve = int(length) if length is not None else env.max_body_bytes
+            if inflight[1] + reserve > body_budget:
+                raise Refusal(503, f"too many webhook bodies being read here (room for {env.max_inflight_webhooks} "
+                                   f"of {env.max_body_bytes} bytes); resend shortly")
+            inflight[0] += 1
+            inflight[1] += reserve
+            try:
+                body = await read_body(receive, env.max_body_bytes)
+            finally:
+                inflight[0] -= 1
+                inflight[1] -= reserve
             body_read = True
             if verified is None:
                 verified = authenticate_scoped(edge.source, headers, body, credentials=edge.credentials, now=received)

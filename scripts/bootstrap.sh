@@ -41,6 +41,7 @@ fi
 py="${PYTHON:-python3}"
 extras="."; stamp=".venv/.installed"
 if [ "$want_test" = 1 ]; then extras=".[test]"; stamp=".venv/.installed-test"; fi
+if [ "$want_bench" = 1 ]; then extras=".[test,bench]"; stamp=".venv/.installed-bench"; fi
 if [ ! -x .venv/bin/python ]; then
   "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "bootstrap: Python 3.11+ is required ($py is older)" >&2; exit 1; }
   "$py" -m venv .venv
