@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -110,6 +111,7 @@ class EdgeMetrics:
         self.ingest = Histogram("cibroker_ingest_seconds", "Webhook answer time in the web process (read, verify, store).",
                                 ("decision",), registry=self.registry,
                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def track_in_flight(self, bodies: Callable[[], float], reserved: Callable[[], float]) -> None:
         """Expose the webhook bodies being read right now and the bytes they reserve (read at scrape time)."""
@@ -121,8 +123,13 @@ class EdgeMetrics:
 
     def observe(self, *, host: str, event: str, decision: str, seconds: float) -> None:
         """Count one answer. `host` and `event` must come from closed sets (the edge maps the rest to `other`)."""
-        self.webhooks.labels(host, event or "unknown", decision).inc()
-        self.ingest.labels(decision).observe(seconds)
+        key = (host, event, decision)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost more than the counting; the sets are closed, so keep them
+            children = self._children[key] = (self.webhooks.labels(host, event or "unknown", decision),
+                                               self.ingest.labels(decision))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self, counters: Mapping[str, Mapping[str, float]] | None, *, queue_depth: int | None) -> bytes:
         """The Prometheus text: this process's figures, then the cluster-wide ones (when Redis answered)."""

@@ -12,6 +12,8 @@ Library exceptions become `StoreUnavailable` here.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -27,10 +29,13 @@ from broker.errors import StoreUnavailable
 from broker.events import Identity
 
 ACCEPT = """
--- KEYS: record, log, queue, index, then ARGV[8] (0 or 1) signed-identity keys, then one push-fingerprint key per route
--- ARGV: id, record, message, dedup_ttl, record_ttl, now_ms, record_prefix, n_signed, log entries...
+-- KEYS: record, log, queue, index, then ARGV[4] (0 or 1) signed-identity keys, then one push-fingerprint key per route
+-- ARGV: id, record, message, n_signed, log entries joined by newlines (JSON never holds a raw newline)
+-- @DEDUP_TTL@, @RECORD_TTL@ and @RECORD_PREFIX@ are filled in per store (fewer arguments to pack per call).
 -- A duplicate when the signed identity was seen, or when every route already took this push fingerprint.
-local nsigned = tonumber(ARGV[8])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local nsigned = tonumber(ARGV[4])
 local prior, why = nil, nil
 if nsigned == 1 then
   prior = redis.call('GET', KEYS[5])
@@ -45,27 +50,33 @@ if not prior then
   if all and first then prior, why = first, 'push fingerprint' end
 end
 if prior then
-  local rk = ARGV[7] .. prior
+  local rk = '@RECORD_PREFIX@' .. prior
   if redis.call('EXISTS', rk) == 1 then
     local n = redis.call('HINCRBY', rk, 'duplicates', 1)
-    redis.call('HSET', rk, 'last_duplicate_at', ARGV[6])
+    redis.call('HSET', rk, 'last_duplicate_at', now_ms)
     if n <= 20 then
-      redis.call('RPUSH', rk .. ':log', cjson.encode({at_ms = tonumber(ARGV[6]), step = 'duplicate',
+      redis.call('RPUSH', rk .. ':log', cjson.encode({at_ms = now_ms, step = 'duplicate',
         detail = 'the same delivery arrived again by ' .. why .. ' (' .. n .. ' so far); not run again'}))
     end
   end
   return {prior, why}
 end
-for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'NX', 'EX', ARGV[4]) end
+for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'NX', 'EX', @DEDUP_TTL@) end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'queued', 'duplicates', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-for i = 9, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[1], @RECORD_TTL@)
+for entry in string.gmatch(ARGV[5], '[^\\n]+') do redis.call('RPUSH', KEYS[2], entry) end
+redis.call('EXPIRE', KEYS[2], @RECORD_TTL@)
 redis.call('LPUSH', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[6]) - 1000 * tonumber(ARGV[5]))
+redis.call('ZADD', KEYS[4], now_ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - 1000 * @RECORD_TTL@)
 return false
 """
+
+
+def accept_script(*, dedup_ttl: int, record_ttl: int) -> str:
+    """ACCEPT with this store's constants written in (integers and our own key prefix: nothing from a request)."""
+    return (ACCEPT.replace("@DEDUP_TTL@", str(int(dedup_ttl))).replace("@RECORD_TTL@", str(int(record_ttl)))
+            .replace("@RECORD_PREFIX@", record_key("")))
 
 # Report claims keep commit statuses in order across workers and retries: a claim for a
 # state succeeds only if it moves forward, or if the same task (a retry) claims it again.
@@ -140,11 +151,70 @@ def redis_options(*, timeout: float) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry_on_timeout": False}
 
 
+def resp_command(args: tuple[str | bytes | int, ...]) -> bytes:
+    """One command in RESP (the Redis protocol): `*<n>` then `$<len>` + bytes per argument, in one buffer.
+
+    redis-py's pack_command grows its buffer argument by argument; for the accept call's dozen
+    arguments and ~5 KB this is a quarter of the call's CPU. Strings are UTF-8, ints decimal.
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode() if isinstance(arg, int) else arg.encode()
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _HotConnections:
+    """Connections of their own for the accept call: the client's connection class and options, without the pool.
+
+    The edge makes one Redis call per webhook; redis-py's pool and command layer (retry wrapper,
+    observability hooks, locks, response callbacks) cost about as much CPU as the call itself, so
+    this path speaks through `Connection.send_command` / `read_response` directly. A connection
+    that fails is dropped (the next call opens a new one); at most `keep` idle ones are kept.
+    """
+
+    def __init__(self, pool: Any, *, keep: int = 64) -> None:
+        self._pool = pool
+        self._idle: list[Any] = []
+        self._keep = keep
+
+    async def call(self, *args: str | bytes | int) -> Any:
+        conn = self._idle.pop() if self._idle else self._pool.make_connection()
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+            await conn.send_packed_command(resp_command(args), check_health=False)
+            answer = await conn.read_response()
+        except redis.exceptions.ResponseError:
+            self._put_back(conn)  # Redis answered (e.g. NOSCRIPT): the connection is fine
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._put_back(conn)
+        return answer
+
+    def _put_back(self, conn: Any) -> None:
+        if len(self._idle) < self._keep:
+            self._idle.append(conn)
+        else:
+            asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect(nowait=True)
+
+
 class AsyncStore:
     def __init__(self, url: str, *, timeout: float, record_ttl: int, dedup_ttl: int, queue: str) -> None:
         self._client = aioredis.Redis.from_url(url, **redis_options(timeout=timeout))
-        self._accept = self._client.register_script(ACCEPT)
-        self._record_prefix = record_key("")
+        self._accept_text = accept_script(dedup_ttl=dedup_ttl, record_ttl=record_ttl)
+        self._accept_sha = hashlib.sha1(self._accept_text.encode()).hexdigest()
+        self._index_keys = (queue, INDEX_KEY)
+        self._hot = _HotConnections(self._client.connection_pool)
         self._record_ttl = record_ttl
         self._dedup_ttl = dedup_ttl
         self._queue = queue
@@ -159,7 +229,7 @@ class AsyncStore:
     async def prepare(self) -> None:
         """Load the Lua script now, so the first webhook does not pay for (or trip over) NOSCRIPT."""
         async with self._errors("loading scripts"):
-            await self._client.script_load(ACCEPT)
+            await self._client.script_load(self._accept_text)
 
     async def accept(
         self, *, host_id: str, signed: Identity | None, fingerprint: str, routes: tuple[str, ...], delivery_id: str,
@@ -168,17 +238,22 @@ class AsyncStore:
         """Store and enqueue a new delivery; None, or (id of the delivery this duplicates, by what).
 
         Deduplicated on the host's signed delivery identity (when there is one) and on the push
-        fingerprint per matched route, in the same atomic call that stores and queues.
+        fingerprint per matched route, in the same atomic call that stores and queues. One EVALSHA
+        (the script is loaded again if Redis lost it, e.g. after a restart).
         """
-        keys = [record_key(delivery_id), log_key(delivery_id), self._queue, INDEX_KEY]
+        keys = [record_key(delivery_id), log_key(delivery_id), *self._index_keys]
         if signed is not None:
             keys.append(dedup_key(host_id, signed))
         keys += push_keys(fingerprint, routes)
-        args = [delivery_id, record if isinstance(record, bytes) else _dumps(record), message, self._dedup_ttl,
-                self._record_ttl, int(time.time() * 1000), self._record_prefix, 1 if signed is not None else 0,
-                *[e if isinstance(e, bytes) else _dumps(e) for e in log]]
+        entries = b"\n".join(e if isinstance(e, bytes) else _dumps(e) for e in log)
+        args = (delivery_id, record if isinstance(record, bytes) else _dumps(record), message, 1 if signed is not None else 0,
+                entries)
         async with self._errors("accepting a delivery"):
-            prior = await self._accept(keys=keys, args=args)
+            try:
+                prior = await self._hot.call("EVALSHA", self._accept_sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                await self._client.script_load(self._accept_text)
+                prior = await self._hot.call("EVALSHA", self._accept_sha, len(keys), *keys, *args)
         return (prior[0].decode(), prior[1].decode()) if prior else None
 
     async def record_ignored(self, *, delivery_id: str, record: dict[str, Any], log: list[dict[str, Any]]) -> None:
@@ -214,6 +289,7 @@ class AsyncStore:
             await self._client.ping()
 
     async def close(self) -> None:
+        await self._hot.close()
         await self._client.aclose()
 
 

@@ -10,12 +10,18 @@ holds it to what Celery itself produces and runs it on a real worker.
 from __future__ import annotations
 
 import base64
-import uuid
+import os
 from typing import Any
 
 import orjson
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID as text, like str(uuid.uuid4()) at a third of its cost (the edge's hot path)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 def task_message(*, task: str, task_id: str, args: list[Any], queue: str, origin: str) -> str:
@@ -51,7 +57,7 @@ def task_message(*, task: str, task_id: str, args: list[Any], queue: str, origin
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": _uuid4(),
         },
     }
     return orjson.dumps(envelope).decode()
