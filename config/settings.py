@@ -47,6 +47,8 @@ class EnvSettings(BaseModel):
     # A request's headers must arrive within this (slow-header connections are closed), and idle keep-alive ends.
     header_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     keep_alive_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # A webhook body must arrive whole within this from the end of its headers (408 otherwise).
+    body_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     dedup_ttl_seconds: Annotated[int, Field(ge=60)] = 14 * 24 * 3600
     retention_days: Annotated[int, Field(ge=1)] = 14
     redis_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 2.0

@@ -249,13 +249,14 @@ MAX_BODY = 65536
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[tuple[str, int]]:
-    """`cibroker serve` with a 64 KiB body limit, 2 full-size bodies in flight and a 1 s header deadline."""
+    """`cibroker serve` with a 64 KiB body limit, 2 full-size bodies in flight, 1 s header and body deadlines."""
     tmp = tmp_path_factory.mktemp("served")
     (tmp / "routing.yaml").write_text((Path(__file__).parent / "support.py").read_text().split('ROUTING = """')[1].split('"""')[0])
     port = free_port()
     proc = Process(["serve", "--config", str(tmp / "routing.yaml"), "--port", str(port)],
                    env=base_env(tmp, CIBROKER_REDIS_URL=redis_server.url, CIBROKER_MAX_BODY_BYTES=str(MAX_BODY),
                                 CIBROKER_MAX_INFLIGHT_WEBHOOKS="2", CIBROKER_HEADER_TIMEOUT_SECONDS="1",
+                                CIBROKER_BODY_TIMEOUT_SECONDS="1",
                                 CIBROKER_API_TOKENS=API_TOKEN), cwd=tmp, log=tmp / "serve.log")
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
@@ -279,6 +280,16 @@ def test_a_connection_that_never_finishes_its_headers_is_answered_408_and_closed
         sock.sendall(b"POST /hooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Event: Push")
         answer = read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request headers not received in time" in answer
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_closed(served: tuple[str, int]) -> None:
+    """Authenticated headers, then half a body and silence: 408 once the body deadline passes, then closed."""
+    body = body_for(before="b1" * 20)
+    with socket.create_connection(served) as sock:
+        sock.sendall(b"POST /hooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Event: Push Hook\r\nX-Gitlab-Token: topsecret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:50])
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"body not received within 1 s" in answer
 
 
 def test_oversized_headers_are_refused_431(served: tuple[str, int]) -> None:
