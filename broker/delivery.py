@@ -78,16 +78,22 @@ AUDIT_KEY = f"{PREFIX}audit"
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """One pass over the request's headers (names compared lower-case)."""
     out = {}
+    lower = type(headers) is not dict  # the edge passes a dict with lower-case names already
     for name, value in headers.items():
-        lowered = name.lower()
+        lowered = name.lower() if lower else name
         if lowered in KEPT_HEADERS and value:
             out[lowered] = value[:200]
     return out
 
 
-@lru_cache(maxsize=256)
 def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    """UTC time with milliseconds, e.g. 2026-11-22T04:41:01.924Z."""
+    return f"{_second(int(ts))}.{int(ts * 1000) % 1000:03d}Z"
+
+
+@lru_cache(maxsize=64)
+def _second(second: int) -> str:  # many deliveries share a second: format it once
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def record(

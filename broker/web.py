@@ -47,7 +47,7 @@ from broker.sources.common import (
     web_base,
 )
 from broker.store import AsyncStore
-from broker.taskmessage import task_message
+from broker.taskmessage import MessageTemplate
 from config.routing import Host
 from config.routing import Route as RouteConfig
 from config.settings import Settings
@@ -165,6 +165,7 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
     auth = ApiAuth(env.api_token_names(), open_without_tokens=settings.embedded_defaults,
                    failures_per_minute=env.api_failures_per_minute)
     origin = f"cibroker-web@{socket.gethostname()}:{os.getpid()}"
+    messages = MessageTemplate(task=delivery.PROCESS_TASK, queue=env.queue, origin=origin)
     state: dict[str, Any] = {}
     edge_metrics = EdgeMetrics()
     inflight = [0, 0]  # webhook bodies being read by this process right now, and the bytes they reserve
@@ -338,7 +339,7 @@ def create_app(settings: Settings, *, store: AsyncStore | None = None, operation
             delivery.entry_bytes("matched", f"route(s) {matched}", at, routes=list(outcome.routes)),
             delivery.entry_bytes("queued", "queued for a worker", at),
         ]
-        message = task_message(task=delivery.PROCESS_TASK, task_id=delivery_id, args=[delivery_id], queue=env.queue, origin=origin)
+        message = messages.render(delivery_id)
         try:
             prior = await state["store"].accept(host_id=host_id, signed=signed, fingerprint=fingerprint, routes=outcome.routes,
                                                 delivery_id=delivery_id, record=record, message=message, log=entries)

@@ -330,3 +330,17 @@ def test_redis_down_answers_503_and_nothing_is_half_accepted(tmp_path: Path, fre
 
 def test_get_on_a_hook_is_405(client: TestClient) -> None:
     assert client.get("/hooks/gitlab").status_code == 405
+
+
+def test_the_edges_message_template_writes_exactly_what_task_message_writes() -> None:
+    """The hot path's pre-cut Celery message equals task_message's bytes but for the random delivery tag."""
+    from broker.taskmessage import MessageTemplate, task_message
+
+    template = MessageTemplate(task="cibroker.process_delivery", queue="cibroker", origin="cibroker-web@host:1")
+    for delivery_id in ("01a2018ebee46132f6ae6571c7", "0" * 26):
+        made = template.render(delivery_id)
+        expected = task_message(task="cibroker.process_delivery", task_id=delivery_id, args=[delivery_id], queue="cibroker",
+                                origin="cibroker-web@host:1")
+        tags = [json.loads(m)["properties"]["delivery_tag"] for m in (made, expected)]
+        assert made.replace(tags[0], "<tag>") == expected.replace(tags[1], "<tag>")
+    assert len({json.loads(template.render("1" * 26))["properties"]["delivery_tag"] for _ in range(50)}) == 50
