@@ -390,6 +390,46 @@ def wrk(endpoint: Endpoint, *, concurrency: int, seconds: int, body_file: Path, 
     return result
 
 
+def profile(endpoint: Endpoint, pid: int, *, seconds: int, body_file: Path, nonce: str, out: Path) -> dict[str, Any]:
+    """py-spy (sampling, 250 Hz, --nonblocking) on the server process while wrk loads it at c=16; top entries."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SetupError("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
+    load = subprocess.Popen(  # noqa: S603 - our own wrk command line
+        ["wrk", "-t2", "-c16", f"-d{seconds + 2}s", "-s", str(LUA), *sum((["-H", f"{k}: {v}"] for k, v in HEADERS.items()), []),
+         f"http://127.0.0.1:{port_of(endpoint)}{PATH}"],
+        env={**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_KEY_PREFIX": f"{nonce}-profile",
+             "BENCH_BEFORE_PREFIX": os.urandom(8).hex()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)  # let wrk connect before sampling
+        subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250", "--nonblocking",
+                        "--format", "raw", "-o", str(out)], capture_output=True, timeout=seconds + 60, check=True)
+    finally:
+        load.wait(timeout=seconds + 30)
+    own: dict[str, int] = {}
+    within: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            within[f] = within.get(f, 0) + n
+    top = lambda d: [{"share": round(v / total, 4), "frame": k} for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:25]]  # noqa: E731
+    return {"raw": str(out), "samples": total, "rate_hz": 250, "seconds": seconds, "self": top(own), "inclusive": top(within)}
+
+
+def _frame(frame: str) -> str:
+    """py-spy's 'function (path/to/file.py:line)' as 'function (dir/file.py)'."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(path.split('/')[-2:])})"
+
+
 def stored(client: redis.Redis, how: str | None) -> int | None:
     if how == "llen":
         return settled_count(lambda: client.llen(QUEUE))
@@ -513,6 +553,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="endpoints to run (default: all; ratios need bare, durable and broker)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: bench/results/ingest-<UTC time>.json)")
     parser.add_argument("--report", type=Path, metavar="JSON", help="print the header and table of a saved results file, run nothing")
+    parser.add_argument("--profile", type=int, default=0, metavar="S",
+                        help="after the broker's measured points (workers=1), load it S more seconds at c=16 under py-spy "
+                             "and keep the profile's top entries in the results (not measured; needs `pip install .[bench]`)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or any(w < 1 for w in args.workers) or any(c < 1 for c in args.concurrency):
         parser.error("--duration, --workers and --concurrency must be positive")
@@ -584,6 +627,11 @@ def main(argv: list[str]) -> int:
                                   f"redis {row['redis_cpu_us_per_req']:4.0f} µs{flag}", flush=True)
                             if proc.poll() is not None:
                                 raise SetupError(f"{endpoint.name} exited during the run ({proc.returncode})")
+                        if args.profile and endpoint.name == "broker" and workers == 1:
+                            info["profile"] = profile(endpoint, proc.pid, seconds=args.profile, body_file=body_file,
+                                                      nonce=nonce, out=out.with_suffix(".profile.txt"))
+                            print(f"  profile: {info['profile']['samples']} samples, raw stacks in {info['profile']['raw']}",
+                                  flush=True)
                     finally:
                         if proc is not None:
                             children.stop(proc)

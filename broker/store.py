@@ -166,46 +166,31 @@ def resp_command(args: tuple[str | bytes | int, ...]) -> bytes:
     return b"".join(parts)
 
 
-class _HotConnections:
-    """Connections of their own for the accept call: the client's connection class and options, without the pool.
+class _PackedCalls:
+    """The accept call on the client's own pool, below redis-py's command layer.
 
-    The edge makes one Redis call per webhook; redis-py's pool and command layer (retry wrapper,
-    observability hooks, locks, response callbacks) cost about as much CPU as the call itself, so
-    this path speaks through `Connection.send_command` / `read_response` directly. A connection
-    that fails is dropped (the next call opens a new one); at most `keep` idle ones are kept.
+    The edge makes one Redis call per webhook; redis-py's command layer (retry wrapper, response
+    callbacks, its argument packing, which grows one buffer argument by argument) cost about as
+    much CPU as the call itself. So the command is packed once (`resp_command`) and sent with
+    `Connection.send_packed_command` / `read_response` on a connection from the pool, which owns
+    every connection's life (a failed one is disconnected, and all are closed with the client).
     """
 
-    def __init__(self, pool: Any, *, keep: int = 64) -> None:
+    def __init__(self, pool: Any) -> None:
         self._pool = pool
-        self._idle: list[Any] = []
-        self._keep = keep
 
     async def call(self, *args: str | bytes | int) -> Any:
-        conn = self._idle.pop() if self._idle else self._pool.make_connection()
+        conn = await self._pool.get_connection()
         try:
-            if not conn.is_connected:
-                await conn.connect()
             await conn.send_packed_command(resp_command(args), check_health=False)
-            answer = await conn.read_response()
+            return await conn.read_response()
         except redis.exceptions.ResponseError:
-            self._put_back(conn)  # Redis answered (e.g. NOSCRIPT): the connection is fine
-            raise
+            raise  # Redis answered (e.g. NOSCRIPT): the connection is fine
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
-        self._put_back(conn)
-        return answer
-
-    def _put_back(self, conn: Any) -> None:
-        if len(self._idle) < self._keep:
-            self._idle.append(conn)
-        else:
-            asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
-
-    async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect(nowait=True)
+        finally:
+            await self._pool.release(conn)
 
 
 class AsyncStore:
@@ -214,7 +199,7 @@ class AsyncStore:
         self._accept_text = accept_script(dedup_ttl=dedup_ttl, record_ttl=record_ttl)
         self._accept_sha = hashlib.sha1(self._accept_text.encode()).hexdigest()
         self._index_keys = (queue, INDEX_KEY)
-        self._hot = _HotConnections(self._client.connection_pool)
+        self._hot = _PackedCalls(self._client.connection_pool)
         self._record_ttl = record_ttl
         self._dedup_ttl = dedup_ttl
         self._queue = queue
@@ -289,7 +274,6 @@ class AsyncStore:
             await self._client.ping()
 
     async def close(self) -> None:
-        await self._hot.close()
         await self._client.aclose()
 
 

@@ -307,8 +307,9 @@ def test_urllib_without_expect_reads_the_413_for_an_oversized_body(served: tuple
                                      headers={**HEADERS, "X-Gitlab-Token": SECRETS["GITLAB_WEBHOOK_SECRET"]})
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=15)
-    assert caught.value.code == 413
-    assert json.loads(caught.value.read()) == {"error": f"body is larger than the {MAX_BODY}-byte limit"}
+    with caught.value as answer:  # an HTTPError holds the connection until closed
+        assert answer.code == 413
+        assert json.loads(answer.read()) == {"error": f"body is larger than the {MAX_BODY}-byte limit"}
 
 
 def test_a_chunked_oversized_body_without_expect_gets_a_readable_413(served: tuple[str, int]) -> None:
