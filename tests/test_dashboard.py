@@ -49,13 +49,15 @@ class Board:
         self.cluster = FakeCluster(service_accounts={("ci", "pipeline-bot")})
         self.host = FakeGitHost()
         self.store = SyncStore(redis_url, timeout=2)
+        self.resolver = FakeResolver()  # the remote: each push moves its branch there first, as `git push` does
         self.orch = Orchestrator(settings=settings, store=self.store, cluster=self.cluster,
-                                 git_hosts={"gitlab": self.host}, resolver=FakeResolver())
+                                 git_hosts={"gitlab": self.host}, resolver=self.resolver)
         self.ops = Operations(settings=settings, store=self.store, cluster=self.cluster if with_cluster else None)
         self.client = TestClient(create_app(settings, operations=self.ops))
         self.client.__enter__()
 
     def push(self, key: str, *, expect: int = 202, **kw: Any) -> str:
+        self.resolver.push(kw.get("ref", "refs/heads/main").removeprefix("refs/heads/"), kw.get("sha", SHA1))
         r = self.client.post("/hooks/gitlab", content=push_body(**kw),
                              headers={"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRETS["GITLAB_WEBHOOK_SECRET"],
                                       "Idempotency-Key": key})

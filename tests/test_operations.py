@@ -105,7 +105,7 @@ def test_rerun_by_run_by_commit_and_by_ref_head(world: OpsWorld) -> None:
     by_run = world.ops.rerun(actor=ALICE, run=run)
     by_sha = world.ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA1)
     assert by_run["sha"] == by_sha["sha"] == SHA1 and (by_run["attempt"], by_sha["attempt"]) == (2, 3)
-    world.resolver.branches["main"] = SHA2
+    world.resolver.push("main", SHA2, before=SHA1)  # a later push moved main on
     by_ref = world.ops.rerun(actor=ALICE, repo="acme/shop-api", ref="main")
     assert by_ref["sha"] == SHA2 and by_ref["ref"] == "refs/heads/main" and by_ref["attempt"] == 2
     assert "git ls-remote" in by_ref["of"]
