@@ -496,3 +496,24 @@ def test_an_order_nobody_can_tell_cancels_nothing_and_says_so(gw: GitWorld) -> N
     assert not gw.cancelled(five) and not gw.cancelled(forked)
     [(_, said)] = [e for e in gw.log(second) if e[0] == "supersede_undecided"]
     assert "nothing is cancelled on a guess" in said and five[:8] in said
+
+
+def test_a_later_push_supersedes_a_persons_rerun_but_an_older_one_does_not(gw: GitWorld) -> None:
+    """A re-run of push 2 is cancelled by push 3 (newer on the chain); push 1, delivered late, does not touch it."""
+    from broker.operations import Actor, Operations
+
+    one, two, three = gw.origin.sha(3), gw.origin.sha(4), gw.origin.sha(5)
+    ops = Operations(settings=gw.settings, store=gw.store, cluster=gw.orch.cluster, resolver=gw.resolver)
+    older = gw.push("one", sha=one, before=gw.origin.sha(2))
+    second = gw.push("two", sha=two, before=one)
+    gw.orch.start(second, token="t2")
+    gw.orch.cluster.patch_pipelinerun(namespace="ci", name=gw.runs()[two]["metadata"]["name"], patch={"spec": {"status": "Cancelled"}})
+    plan = ops.rerun(actor=Actor(who="alice", channel="cli"), delivery_id=second)
+    [rerun_name] = gw.orch.start(plan["delivery_id"], attempt=plan["attempt"], token="r")
+    rerun = lambda: gw.kube.get("pipelineruns", "ci", rerun_name)  # noqa: E731
+    gw.orch.start(older, token="t1")  # late: push 2 is newer, so push 1's run goes at once; the re-run stays
+    assert not rerun()["spec"].get("status") and gw.cancelled(one)
+    assert gw.runs()[one]["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == two[:8]
+    gw.orch.start(gw.push("three", sha=three, before=two), token="t3")
+    assert rerun()["spec"]["status"] == "Cancelled" and rerun()["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == three[:8]
+    assert gw.cancelled(one) and not gw.cancelled(three)
