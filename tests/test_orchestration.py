@@ -517,3 +517,17 @@ def test_a_later_push_supersedes_a_persons_rerun_but_an_older_one_does_not(gw: G
     gw.orch.start(gw.push("three", sha=three, before=two), token="t3")
     assert rerun()["spec"]["status"] == "Cancelled" and rerun()["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == three[:8]
     assert gw.cancelled(one) and not gw.cancelled(three)
+
+
+def test_the_push_chain_walk_is_bounded_and_ends_on_loops(redis_url: str) -> None:
+    """Links a -> b -> c, a loop d <-> e (a force push back): the walk answers, undecided beyond its bound."""
+    store = SyncStore(redis_url, timeout=2)
+    key = {"host": "gitlab", "repo_id": "42", "ref": "refs/heads/main"}
+    for after, before in (("b", "a"), ("c", "b"), ("d", "e"), ("e", "d")):
+        store.link_push(**key, after=after, before=before, ttl=60)
+    assert store.push_order(**key, ours="c", others=["a", "b", "c", "d", "zz"], max_steps=10) == [1, 1, 0, 0, 0]
+    assert store.push_order(**key, ours="a", others=["c"], max_steps=10) == [-1]
+    assert store.push_order(**key, ours="c", others=["a"], max_steps=1) == [0]  # a is two links back
+    assert store.push_order(**key, ours="d", others=["e"], max_steps=10) == [1]  # a loop: both walks end, first answer wins
+    assert store.push_order(**{**key, "ref": "refs/heads/other"}, ours="c", others=["a"], max_steps=10) == [0]
+    store.close()

@@ -232,7 +232,7 @@ class Orchestrator:
             detail = f"branch {branch} moved on to {head[:8]}; {sha[:8]} is its ancestor: building what was pushed"
         self._log(delivery_id, "commit_resolved", detail, head=head)
         if push.get("before"):
-            self.store.link_push(host=str(push.get("host") or host_id), repo_id=str(push["repo_id"]), ref=str(push["ref"]),
+            self.store.link_push(host=host_id, repo_id=str(push["repo_id"]), ref=str(push["ref"]),
                                  after=str(push.get("pushed") or sha), before=str(push["before"]),
                                  ttl=self.settings.env.retention_days * 86400)
         return sha
@@ -268,7 +268,7 @@ class Orchestrator:
         others = self._comparable(route, req, [o for o in items if (o.get("metadata") or {}).get("name") != name])
         if not others:
             return
-        verdicts = self.store.push_order(host=req.host, repo_id=req.repo_id, ref=req.ref, ours=pushed,
+        verdicts = self.store.push_order(host=route.host, repo_id=req.repo_id, ref=req.ref, ours=pushed,
                                          others=[o.pushed for o in others], max_steps=CHAIN_STEPS)
         how = ["the push chain" if v else "" for v in verdicts]
         for i, other in enumerate(others):
