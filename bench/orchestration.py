@@ -17,6 +17,9 @@ fresh processes:
               by the fake GitLab. Baseline: a bare watch (official client, raw stream, same
               namespace and selector) in this process: Succeeded written -> event seen.
 
+Every push is of a real commit: a `file://` origin made with one `git fast-import`, whose branch is moved to
+the commit before the webhook goes out, so each worker pays its one `git ls-remote` (issue 11).
+
 Targets are printed, never asserted. See bench/README.md ("Orchestration benchmark").
 
     .venv/bin/python bench/orchestration.py [--quick] [--out bench/results/x.json]
