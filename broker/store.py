@@ -345,6 +345,23 @@ class SyncStore:
             pipe.lpush(queue, message)
             pipe.execute()
 
+    def put_request(self, request: dict[str, Any], *, ttl: int) -> None:
+        """Store a person's signed request (broker.trust.sign_request) under its id, for the task that carries it out."""
+        with self._errors("storing a request"):
+            self._client.set(f"{PREFIX}request:{request['request_id']}", _dumps(request), ex=ttl)
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """A stored request as written (the caller verifies its signature), or None."""
+        with self._errors("reading a request"):
+            raw = self._client.get(f"{PREFIX}request:{request_id}")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def enqueue(self, *, queue: str, message: str) -> None:
         with self._errors("queueing a task"):
             self._client.lpush(queue, message)
