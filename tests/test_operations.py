@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker import pipelinerun as pr
 from broker.delivery import DEPLOY_TASK, PROCESS_TASK
@@ -376,3 +378,40 @@ def test_the_sweep_looks_at_every_delivery_of_the_window_not_only_the_oldest(wor
     world.redis.rpop(world.settings.env.queue)  # taken by a worker that died before recording it
     assert sweeper(world.settings, world.orch.store, older_than=0)() == 1
     assert world.take_tasks() == [("cibroker.process_delivery", [delivery])]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+                     max_leaves=8)
+_keys = st.sampled_from([pr.L_ROUTE, pr.L_HOST, pr.L_SHA, pr.L_DELIVERY, pr.A_REPO, pr.A_REF, pr.A_ATTEMPT, pr.A_DEPLOY,
+                         pr.A_IMAGE, pr.A_REPORTED, pr.A_SUPERSEDED_BY, pr.A_RECEIVED, "creationTimestamp", "x"])
+_fields = st.dictionaries(_keys, _json | st.text(max_size=80), max_size=8) | _json
+
+
+@settings(max_examples=300, deadline=None)
+@given(labels=_fields, annotations=_fields, status=_fields, meta_extra=st.dictionaries(_keys, _json, max_size=2))
+def test_summarize_run_never_raises_and_keeps_its_types_whatever_a_run_says(labels: Any, annotations: Any, status: Any,
+                                                                           meta_extra: dict[str, Any]) -> None:
+    """Any labels, annotations and status (not strings, not mappings, missing): a summary whose fields the CLI,
+    the API and the dashboard can always print, and `unreadable` naming what did not parse."""
+    from broker.operations import summarize_run
+
+    obj = {"metadata": {"name": "r", "namespace": "ci", **meta_extra, "labels": labels, "annotations": annotations},
+           "status": status}
+    summary = summarize_run(obj, now=1e9)
+    for key in ("run", "namespace", "name", "route", "host", "repo", "ref", "ref_name", "sha", "delivery_id", "image",
+                "state", "reason", "message", "reported", "superseded_by", "cancelled_by", "created", "deploy", "unreadable"):
+        assert isinstance(summary[key], str), key
+    assert isinstance(summary["attempt"], int) and summary["attempt"] >= 1
+    assert json.loads(summary["deploy"]) == summary["environments"]
+    assert all(isinstance(e, str) for e in summary["environments"])
+    assert summary["duration_seconds"] is None or isinstance(summary["duration_seconds"], float)
+    if not isinstance(labels, dict) or not isinstance(labels.get(pr.L_SHA), str):
+        assert summary["unreadable"] and summary["sha"] == ""
+
+
+def test_a_run_written_by_cibroker_reads_cleanly(world: OpsWorld) -> None:
+    """The control for the property test: a run the worker made has nothing unreadable."""
+    _, run = world.built()
+    [listed] = world.ops.runs()
+    assert listed["unreadable"] == "" and listed["run"] == run and listed["environments"] == ["staging"]
