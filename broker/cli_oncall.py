@@ -87,7 +87,8 @@ class Backend:
         from workers.wiring import default_operations
 
         settings = settings_for(config)
-        configure(fmt=settings.env.log_format, level="warning")
+        # "error": a refused action is already the one line `errors()` prints; its warning log line is for servers.
+        configure(fmt=settings.env.log_format, level="error")
         settings, _ = with_store(settings)
         self.service = default_operations(settings)
 

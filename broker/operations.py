@@ -29,7 +29,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from broker import delivery, metrics
 from broker import pipelinerun as pr
 from broker.errors import ConfigError, Permanent, Rejected
 from broker.events import RefKind
+from broker.logging import get_logger
 from broker.ports import Cluster, CommitResolver, CommitState
 from broker.reporting import describe, failing_task, is_final, run_state, succeeded_condition
 from broker.routing import glob_match, ref_selected
@@ -56,6 +58,7 @@ SCAN_LIMIT = 20_000  # filtered listings look at most this many recent deliverie
 DELIVERY_ID = re.compile(r"^[0-9a-f]{26}\Z")
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 MAX_ATTEMPT = 1_000_000
+log = get_logger("cibroker.operations")
 
 
 class NotFound(Permanent):
@@ -372,6 +375,17 @@ def _summarize_taskrun(obj: Mapping[str, Any], *, now: float) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _refusals_logged(action: str, actor: Actor, *, target: str) -> Iterator[None]:
+    """One warning line per refused action, with the reason the person was given."""
+    try:
+        yield
+    except (Refused, BadField, NotConfigured) as exc:
+        log.warning(f"{action}_refused", by=actor.who, channel=actor.channel, target=str(target)[:200], reason=str(exc)[:500],
+                    field=getattr(exc, "field", None))
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """What a re-run re-runs: the push, the routes, how to say it, and the delivery it came from (if known)."""
@@ -622,6 +636,18 @@ class Operations:
         `force` (with `deploy_only` only) asks the worker to skip the ancestry guard ("never deploy a
         commit older than the one running"); without it the guard applies to a person's re-deploy too.
         """
+        action = "redeploy" if deploy_only else "rerun"
+        with _refusals_logged(action, actor, target=run or delivery_id or f"{repo} {sha or ref}"):
+            plan = self._rerun(actor=actor, reason=reason, delivery_id=delivery_id, run=run, repo=repo, sha=sha, ref=ref,
+                               route=route, deploy_only=deploy_only, force=force, dry_run=dry_run)
+        if not dry_run:
+            log.info(f"{action}_requested", by=actor.who, channel=actor.channel, of=plan["of"], force=force,
+                     requests=plan.get("requests"), delivery_id=plan.get("delivery_id"))
+        return plan
+
+    def _rerun(self, *, actor: Actor, reason: str, delivery_id: str | None, run: str | None, repo: str | None,
+               sha: str | None, ref: str | None, route: str | None, deploy_only: bool, force: bool,
+               dry_run: bool) -> dict[str, Any]:
         repo, ref, sha = validate_target(repo=repo, ref=ref, sha=sha, run=run)
         if route is not None and not NAME.match(route):
             raise BadField("route", "route: field 'route' is not a route name (a DNS-1123 label)")
@@ -760,6 +786,12 @@ class Operations:
         The on-call side only reads the run (to refuse one that already ended); a worker re-reads it,
         sets spec.status and records who and why.
         """
+        with _refusals_logged("cancel", actor, target=run):
+            done = self._cancel(run, actor=actor, reason=reason)
+        log.info("cancel_requested", by=actor.who, channel=actor.channel, run=done["run"], request_id=done["request_id"])
+        return done
+
+    def _cancel(self, run: str, *, actor: Actor, reason: str) -> dict[str, Any]:
         summary, _ = self._summary(run)
         if is_final(CommitState(summary["state"])):
             raise Refused(f"PipelineRun {summary['run']} already ended ({summary['state']}, {summary['reason']})")

@@ -262,6 +262,39 @@ def test_cancel_requests_a_stop_records_who_and_refuses_a_finished_one(board: Bo
     assert again.status_code == 409 and "already ended" in again.text
 
 
+def test_deploy_only_from_the_run_page_is_unforced_unless_the_box_is_ticked_with_a_reason(board: Board,
+                                                                                         db: redis.Redis) -> None:
+    _, name = board.build("a")
+    board.move(name, "True", "Succeeded")
+    page = board.client.get(f"/runs/ci/{name}").text
+    assert 'name="deploy_only"' in page and 'name="force"' in page
+    db.delete("cibroker")
+
+    def queued_request() -> Any:
+        message = json.loads(db.lpop("cibroker"))
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        assert message["headers"]["task"] == "cibroker.deploy" and args[:3] == ["ci", name, "staging"] and len(args) == 5
+        return verify_request(SIGNING_KEY.encode(), board.store.get_request(args[4]), request_id=args[4])
+
+    r = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "deploy_only": "on"}, headers=FORM,
+                          follow_redirects=False)
+    assert (r.status_code, r.headers["location"]) == (303, f"/runs/ci/{name}?did=redeploy")
+    assert queued_request().force is False
+    assert "Deploy requested: queued for a worker" in board.client.get(r.headers["location"]).text
+    refused = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "deploy_only": "on", "force": "on"},
+                                headers=FORM)
+    assert refused.status_code == 400 and "say why" in refused.text and db.llen("cibroker") == 0
+    assert 'name="force" checked' in refused.text  # the form comes back as it was sent
+    r = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "deploy_only": "on", "force": "on",
+                                                          "reason": "rollback"}, headers=FORM, follow_redirects=False)
+    assert r.status_code == 303
+    request = queued_request()
+    assert (request.force, request.channel, request.reason) == (True, "dashboard", "rollback")
+    r = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "force": "on", "reason": "x"}, headers=FORM,
+                          follow_redirects=False)  # force without deploy-only: an ordinary re-run, nothing forced
+    assert r.status_code == 303 and json.loads(db.lpop("cibroker"))["headers"]["task"] == "cibroker.process_delivery"
+
+
 def test_a_delivery_that_made_no_run_can_be_rerun_from_its_page(board: Board) -> None:
     """No service account: the delivery failed before any PipelineRun existed; its page offers the re-run."""
     board.cluster.service_accounts.clear()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 from starlette.testclient import TestClient
 
 from broker import pipelinerun as pr
@@ -229,6 +230,20 @@ def test_garbage_labels_and_annotations_are_shown_unreadable_naming_the_field_ne
     assert door.api("GET", f"/api/deliveries/{delivery_id}").status_code == 200
 
 
+def test_a_delivery_with_an_unreadable_run_shows_it_as_such_in_its_page_api_and_cli(door: Door) -> None:
+    """Someone plants a garbage run labelled with a real delivery's id: the delivery's views flag it, never fail."""
+    delivery_id, good = door.built()
+    door.kube_api.put(forged("planted", labels={pr.L_DELIVERY: delivery_id}, annotations={pr.A_ATTEMPT: "-1"}))
+    found = door.api("GET", f"/api/deliveries/{delivery_id}")
+    assert found.status_code == 200, found.text
+    runs = {r["name"]: r for r in found.json()["runs"]}
+    assert runs[good]["unreadable"] == "" and "annotation cibroker.dev/attempt" in runs["planted"]["unreadable"]
+    page = door.client.get(f"/deliveries/{delivery_id}")
+    assert page.status_code == 200 and "unreadable: annotation cibroker.dev/attempt" in page.text
+    shown = door.cli("deliveries", "show", delivery_id)
+    assert shown.returncode == 0 and "ci/planted" in shown.stdout and "unreadable: annotation" in shown.stdout
+
+
 def test_a_run_naming_a_delivery_that_does_not_exist_still_shows(door: Door) -> None:
     door.kube_api.put(forged("orphan", labels={pr.L_DELIVERY: "f" * 26}))
     page = door.client.get("/runs/ci/orphan")
@@ -279,9 +294,12 @@ def test_a_rerun_on_a_foreign_route_is_refused_naming_the_mismatch(door: Door, r
     if route != "gh-api":  # by ref there is no push yet: the named route's own host is the host (gh-api may build main)
         asks.append(("POST", "/api/rerun", {"repo": "acme/shop-api", "ref": "main", "route": route}))
     for method, path, body in asks:
-        answer = door.api(method, path, json=body)
+        with capture_logs() as logs:
+            answer = door.api(method, path, json=body)
         assert answer.status_code == 409, (body, answer.text)
         assert said in answer.json()["error"], (body, answer.json())
+        [line] = [e for e in logs if e["log_level"] == "warning"]  # one warning line per refusal, saying why
+        assert line["event"] == "rerun_refused" and said in line["reason"] and line["by"] == "mallory (token ops)"
     cli = door.cli("rerun", "--delivery", delivery_id, "--route", route)
     assert cli.returncode == 1 and said in cli.stderr and "Traceback" not in cli.stderr
     assert door.queued() == [] and door.audit() == []
