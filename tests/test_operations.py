@@ -20,7 +20,6 @@ from broker import pipelinerun as pr
 from broker.delivery import DEPLOY_TASK, PROCESS_TASK
 from broker.errors import Permanent
 from broker.operations import CANCEL_TASK, Actor, NoCluster, NotConfigured, NotFound, Operations, Refused
-from broker.ports import CommitState
 from broker.trust import verify_request
 from tests.support import FIXTURES, make_settings
 from tests.test_orchestration import SHA1, SHA2, World
