@@ -99,7 +99,7 @@ class Door:
             "CIBROKER_REDIS_URL": redis_url, "CIBROKER_API_TOKENS": f"ops={TOKEN}", "CIBROKER_SIGNING_KEY": SIGNING_KEY})
         self.redis = redis.Redis.from_url(redis_url)
         self.store = SyncStore(redis_url, timeout=2)
-        self.resolver = FakeResolver(branches={"main": SHA2})
+        self.resolver = FakeResolver(branches={"main": SHA2}, ancestry={(SHA1, SHA2)})  # the origin: SHA1 is SHA2's parent
         self.orch = Orchestrator(settings=self.settings, store=self.store, cluster=cluster,
                                  git_hosts={"gitlab": FakeGitHost()}, resolver=self.resolver)
         self.ops = Operations(settings=self.settings, store=self.store, cluster=cluster, resolver=self.resolver)
