@@ -38,7 +38,7 @@ expect.set_options(timeout=15 * SECONDS)  # a shared 2-core machine can be slow 
 @pytest.fixture
 def stack(tmp_path: Path, redis_url: str, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab) -> Iterator[Stack]:
     """tests.stack's stack with a signing key for every process (a cancel is a signed request)."""
-    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url="https://gitlab.example.com/acme/shop-api.git",
+    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api,  # the origin: a real repository (file://)
               CIBROKER_SIGNING_KEY="browser-test-signing-key-with-more-than-32-chars")
     s.start_all()
     yield s

@@ -37,7 +37,7 @@ SIGNING_KEY = "e2e-oncall-signing-key-for-the-whole-stack-0123456789"
 @pytest.fixture
 def stack(tmp_path: Path, redis_url: str, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab) -> Iterator[Stack]:
     """tests.stack's stack, every process sharing one signing key (workers verify what the on-call side signs)."""
-    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url="https://gitlab.example.com/acme/shop-api.git",
+    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api,  # the origin: a real repository (file://)
               CIBROKER_SIGNING_KEY=SIGNING_KEY)
     s.start_all()
     yield s
