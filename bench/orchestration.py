@@ -17,6 +17,9 @@ fresh processes:
               by the fake GitLab. Baseline: a bare watch (official client, raw stream, same
               namespace and selector) in this process: Succeeded written -> event seen.
 
+Every push is of a real commit: a `file://` origin made with one `git fast-import`, whose branch is moved to
+the commit before the webhook goes out, so each worker pays its one `git ls-remote` (issue 11).
+
 Targets are printed, never asserted. See bench/README.md ("Orchestration benchmark").
 
     .venv/bin/python bench/orchestration.py [--quick] [--out bench/results/x.json]
@@ -77,6 +80,7 @@ from tests.fakes.kube_api import FakeKubeAPI, Request
 from tests.fakes.kube_store import Change
 from tests.fakes.rollout import seed_service_account
 from tests.fakes.tekton import TektonSimulator, condition
+from tests.support import GitOrigin
 
 SECRET = "bench-webhook-secret"
 NAMESPACE = "ci"
@@ -102,7 +106,7 @@ routes:
   - name: shop-api
     host: gitlab
     repo: {repo}
-    clone_url: https://gitlab.example.com/{repo}.git
+    clone_url: {clone_url}
     events: {{branches: ["**"]}}
     pipeline: build-test-push
     image: registry.example.com/{repo}
@@ -135,10 +139,6 @@ def summary_ms(seconds: list[float]) -> dict[str, Any]:
         return {"n": 0}
     return {"n": len(ms), "min": round(min(ms), 2), "p50": round(pct(ms, 50) or 0, 2), "p90": round(pct(ms, 90) or 0, 2),
             "p99": round(pct(ms, 99) or 0, 2), "max": round(max(ms), 2), "mean": round(sum(ms) / len(ms), 2)}
-
-
-def sha_for(tag: str) -> str:
-    return hashlib.sha1(tag.encode()).hexdigest()
 
 
 def proc_status_kb(pid: int, field_name: str) -> int | None:
@@ -304,8 +304,11 @@ def request_breakdown(requests: list[Request], namespace: str) -> tuple[Counter[
 class Stack:
     """Fresh fakes and the three cibroker processes for one part of the benchmark."""
 
-    def __init__(self, name: str, children: Children, tmp: Path, redis_url: str) -> None:
+    def __init__(self, name: str, children: Children, tmp: Path, redis_url: str, *, commits: int) -> None:
         self.name, self.children, self.tmp = name, children, tmp
+        # The Git host's repository (file://): every push's commit is real, and its branch is moved to it before the
+        # webhook goes out, so each worker confirms it with one `git ls-remote` of the branch, as in production.
+        self.origin = GitOrigin.create(tmp / f"{name}-origin.git", commits=commits)
         self.api = FakeKubeAPI(bookmark_interval=1.0).start()  # default history_limit (1000 changes)
         self.recorder = KubeRecorder(self.api)
         self.gitlab = TimedGitLab(projects={PROJECT_ID: REPO})
@@ -319,7 +322,8 @@ class Stack:
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         }))
         self.routing = tmp / f"{name}-routing.yaml"
-        self.routing.write_text(ROUTING.format(namespace=NAMESPACE, api_url=self.gitlab.api_url, repo=REPO))
+        self.routing.write_text(ROUTING.format(namespace=NAMESPACE, api_url=self.gitlab.api_url, repo=REPO,
+                                               clone_url=self.origin.url))
         base = {k: v for k, v in os.environ.items() if not k.startswith(("CIBROKER_", "GITLAB_", "GITHUB_", "GITEA_", "KUBE"))}
         self.env = {**base, "CIBROKER_REDIS_URL": redis_url, "KUBECONFIG": str(self.kubeconfig),
                     "GITLAB_API_TOKEN": GITLAB_TOKEN, "GITLAB_WEBHOOK_SECRET": SECRET, "CIBROKER_LOG_FORMAT": "json",
@@ -415,14 +419,15 @@ class Stack:
 class Pusher:
     """Open-loop webhook sender: request i goes out at t0 + i/rate whatever the answers do."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, origin: GitOrigin) -> None:
+        self.origin, self.pushed = origin, 0
         self.client = httpx.Client(base_url=url, timeout=30, trust_env=False,
                                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         self.pool = ThreadPoolExecutor(32, thread_name_prefix="push")
 
-    def one(self, tag: str, branch: str) -> dict[str, Any]:
-        sha = sha_for(tag)
+    def one(self, tag: str, branch: str, sha: str) -> dict[str, Any]:
         body = push_body(sha=sha, branch=branch)
+        self.origin.move(branch, sha)  # `git push`, then its webhook
         sent = time.monotonic()
         try:
             answer = self.client.post("/hooks/gitlab", content=body, headers={
@@ -441,7 +446,8 @@ class Pusher:
             delay = t0 + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            futures.append(self.pool.submit(self.one, tag, branch))
+            self.pushed += 1
+            futures.append(self.pool.submit(self.one, tag, branch, self.origin.sha(self.pushed)))
         spent = time.monotonic() - t0
         return [f.result() for f in futures], spent
 
@@ -563,11 +569,11 @@ def part_create(children: Children, tmp: Path, store: Redis, client: redis.Redis
     flush(client)
     assert store.proc is not None
     redis_pid = store.proc.pid
-    stack = Stack("create", children, tmp, store.url)
+    stack = Stack("create", children, tmp, store.url, commits=warmup + int(rate * duration))
     pusher: Pusher | None = None
     try:
         stack.start()
-        pusher = Pusher(stack.url)
+        pusher = Pusher(stack.url, stack.origin)
         # Warm-up: a few pushes, so both pool processes have imported everything and opened their connections.
         pusher.run([(f"warm-{i}", f"bench/warm-{i}") for i in range(warmup)], rate=rate)
         stack.wait("warm-up runs", lambda: len(stack.recorder.in_namespace(stack.recorder.created, NAMESPACE)) >= warmup, 60)
@@ -679,7 +685,7 @@ def part_lifecycle(children: Children, tmp: Path, store: Redis, client: redis.Re
     flush(client)
     assert store.proc is not None
     redis_pid = store.proc.pid
-    stack = Stack("lifecycle", children, tmp, store.url)
+    stack = Stack("lifecycle", children, tmp, store.url, commits=runs)
     pusher: Pusher | None = None
     sampler: Sampler | None = None
     sim: TektonSimulator | None = None
@@ -690,7 +696,7 @@ def part_lifecycle(children: Children, tmp: Path, store: Redis, client: redis.Re
         sampler = Sampler(stack, redis.Redis.from_url(store.url))
         sampler.start()
         mark = len(stack.api.requests)
-        pusher = Pusher(stack.url)
+        pusher = Pusher(stack.url, stack.origin)
         sampler.phase = "create"
         cpu_marks = {"start": stack.cpu(redis_pid)}
         print(f"  part 2: {runs} PipelineRuns through the broker ({create_rate:g} webhooks/s) ...", flush=True)

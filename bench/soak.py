@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,8 +44,8 @@ from tests.fakes.githost_api import FakeGitLab  # noqa: E402
 from tests.fakes.kube_api import FakeKubeAPI  # noqa: E402
 from tests.fakes.rollout import RolloutSimulator  # noqa: E402
 from tests.fakes.tekton import TektonSimulator  # noqa: E402
-from tests.stack import Stack, hook_headers, measure, push_body, sha_of  # noqa: E402
-from tests.support import RedisServer  # noqa: E402
+from tests.stack import Stack, hook_headers, measure, push_body  # noqa: E402
+from tests.support import GitOrigin, RedisServer  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -136,13 +135,15 @@ def main(argv: list[str]) -> int:
     kube = FakeKubeAPI(bookmark_interval=1.0).start()
     gitlab = FakeGitLab(projects={42: "acme/shop-api"})
     gitlab.start()
-    origin = tmp / "origin.git"  # a reachable remote: deploys check ancestry against it (unknown commits: no veto)
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    # The Git host's repository: one commit per delivery in one line of history (one `git fast-import`), no
+    # branch yet. Each push first moves its branch to its commit (`git push`), so every worker's check that the
+    # commit is real (one ls-remote; ancestry in its mirror when the branch moved on since) meets real git.
+    origin = GitOrigin.create(tmp / "origin.git", commits=args.deliveries, branches={})
     # Visibility timeout above the retry countdowns that occur here: kombu redelivers an ETA task held
     # longer than it (each sweep), which multiplies copies of long-countdown retries.
     # The watcher's resync at its production default (60 s; the test stack uses 5 s): each resync
     # lists every run, and here there are thousands.
-    stack = Stack(tmp, server.url, kube, gitlab, clone_url=f"file://{origin}", CIBROKER_LOG_LEVEL="warning",
+    stack = Stack(tmp, server.url, kube, gitlab, origin=origin, CIBROKER_LOG_LEVEL="warning",
                   CIBROKER_VISIBILITY_TIMEOUT_SECONDS="30", CIBROKER_RESYNC_SECONDS="60")
     tekton = TektonSimulator(kube, auto_start=0.3, auto_finish=1.5)
     rollout = RolloutSimulator(kube)
@@ -169,10 +170,11 @@ def main(argv: list[str]) -> int:
                 sender.pool.submit(sender.send, key, bodies[key], expect_duplicate=True)
                 continue
             branch = "main" if i % 50 == 0 else f"b/{rng.randrange(args.branches)}"
-            sha = sha_of(0x5000000 + i)
+            sha = origin.sha(i + 1)
             key = f"soak-{i}"
             body = push_body(sha=sha, ref=f"refs/heads/{branch}", before=heads.get(branch, "0" * 40))
             heads[branch] = sha
+            origin.move(branch, sha)
             bodies[key] = body
             sent_keys.append(key)
             sender.pool.submit(sender.send, key, body, expect_duplicate=False)

@@ -4,6 +4,7 @@
     ├── Rejected     a request we refuse: bad signature, unparseable or oversized body.
     │                Carries the HTTP status and a short reason a person can act on.
     ├── Permanent    work that cannot succeed by retrying: report it and stop.
+    │   └── Untrusted          input that fails an authenticity check: ignore it, log why.
     ├── Transient    work that may succeed later: retry with backoff (honour retry_after).
     │   ├── StoreUnavailable   Redis could not take or give a record.
     │   └── Expired            a watch resourceVersion is gone (410): relist.
@@ -55,3 +56,11 @@ class ConfigError(CibrokerError):
 
 class Expired(Transient):
     """A watch's resourceVersion is too old (HTTP 410 Gone): list again and resume."""
+
+
+class Untrusted(Permanent):
+    """Input that fails an authenticity check (a forged run, a forged or altered request).
+
+    Never retried and never acted on: the caller logs one warning with the reason, counts
+    it, and moves on.
+    """

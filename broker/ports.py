@@ -60,6 +60,13 @@ class CommitResolver(Protocol):
     def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
         """The commit at the head of a branch on the remote now (for `cibroker rerun --ref`)."""
 
+    def branch_contains(self, *, clone_url: str, branch: str, sha: str, auth: tuple[str, str] | None) -> str:
+        """The branch's head now, when `sha` is that head or its ancestor (the commit is real and on the branch).
+
+        Permanent when the remote does not know the commit, has no such branch, or the branch does
+        not contain it; Transient when the remote could not be asked (network, 5xx, timeout).
+        """
+
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
         """True when `ancestor` is reachable from `descendant` (git merge-base --is-ancestor)."""
 

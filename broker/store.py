@@ -12,7 +12,6 @@ Library exceptions become `StoreUnavailable` here.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -107,6 +106,36 @@ local state, token, rank = string.match(cur, '^([^|]*)|([^|]*)|(%d+)')
 if state ~= ARGV[2] or token ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], state .. '|' .. token .. '|' .. rank .. '|0')
 return 1
+"""
+
+# The push chain (superseding): one key per push a worker started, `after` -> `before`, per
+# (host, repo id, ref). Walks back from `ours` and from each other push, at most ARGV[2] links
+# each (a loop from a force push back to an old commit ends there too). Per other push: 1 when it
+# is behind ours on the chain (ours is newer), -1 when ours is behind it, 0 when the chain does
+# not say (a link is missing: a delivery lost, expired or not started yet; or the same commit).
+# Keys are built from ARGV[1] so that one call walks any number of links.
+PUSH_ORDER = """
+local prefix, steps, ours = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function behind(from)
+  local seen, cur = {}, from
+  for _ = 1, steps do
+    local prev = redis.call('GET', prefix .. cur)
+    if not prev or seen[prev] then break end
+    seen[prev] = true
+    cur = prev
+  end
+  return seen
+end
+local mine = behind(ours)
+local out = {}
+for i = 4, #ARGV do
+  local other = ARGV[i]
+  if other == ours then out[#out + 1] = 0
+  elseif mine[other] then out[#out + 1] = 1
+  elseif behind(other)[ours] then out[#out + 1] = -1
+  else out[#out + 1] = 0 end
+end
+return out
 """
 
 _ERRORS = (redis.exceptions.RedisError, OSError)
@@ -284,6 +313,7 @@ class SyncStore:
         self._client = redis.Redis.from_url(url, **redis_options(timeout=timeout))
         self._claim = self._client.register_script(CLAIM_REPORT)
         self._release = self._client.register_script(RELEASE_REPORT)
+        self._push_order = self._client.register_script(PUSH_ORDER)
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -388,6 +418,23 @@ class SyncStore:
             pipe.lpush(queue, message)
             pipe.execute()
 
+    def put_request(self, request: dict[str, Any], *, ttl: int) -> None:
+        """Store a person's signed request (broker.trust.sign_request) under its id, for the task that carries it out."""
+        with self._errors("storing a request"):
+            self._client.set(f"{PREFIX}request:{request['request_id']}", _dumps(request), ex=ttl)
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """A stored request as written (the caller verifies its signature), or None."""
+        with self._errors("reading a request"):
+            raw = self._client.get(f"{PREFIX}request:{request_id}")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def enqueue(self, *, queue: str, message: str) -> None:
         with self._errors("queueing a task"):
             self._client.lpush(queue, message)
@@ -457,6 +504,37 @@ class SyncStore:
     def queue_depth(self, queue: str) -> int:
         with self._errors("reading the queue depth"):
             return int(self._client.llen(queue))
+
+    # ---- the push chain: which push of a branch is newer (workers only) -----------------
+    # Written from stored delivery records (`before` -> `after`), which only cibroker writes, by
+    # the worker that starts a push and before it creates the run: so of two pushes processed at
+    # once, the one that lists second always finds the other's link. Never from run annotations.
+
+    @staticmethod
+    def _chain_prefix(host: str, repo_id: str, ref: str) -> str:
+        digest = hashlib.sha256(f"{host}\0{repo_id}\0{ref}".encode()).hexdigest()[:24]
+        return f"{PREFIX}chain:{digest}:"
+
+    def link_push(self, *, host: str, repo_id: str, ref: str, after: str, before: str, ttl: int) -> None:
+        """Remember that the push to `after` came from `before` on this branch (kept `ttl` s, like records)."""
+        with self._errors("recording the push chain"):
+            self._client.set(self._chain_prefix(host, repo_id, ref) + after, before, ex=ttl)
+
+    def push_order(self, *, host: str, repo_id: str, ref: str, ours: str, others: list[str], max_steps: int) -> list[int]:
+        """Per other push (its `after`): 1 ours is newer, -1 it is newer, 0 the chain cannot tell."""
+        if not others:
+            return []
+        with self._errors("walking the push chain"):
+            return [int(v) for v in self._push_order(args=[self._chain_prefix(host, repo_id, ref), max_steps, ours, *others])]
+
+    def records(self, delivery_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Several delivery records (no decision logs) in one round trip; None for an unknown id."""
+        with self._errors("reading deliveries"):
+            pipe = self._client.pipeline(transaction=False)
+            for delivery_id in delivery_ids:
+                pipe.hgetall(record_key(delivery_id))
+            rows = pipe.execute()
+        return [decode_delivery(fields, []) for fields in rows]
 
     # ---- metrics shared by every process (broker.metrics) -------------------------------
 

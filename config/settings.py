@@ -23,6 +23,7 @@ from broker.errors import ConfigError
 from config.routing import RoutingFile, SecretRef
 
 ENV_PREFIX = "CIBROKER_"
+MIN_SIGNING_KEY = 32
 EMBEDDED = "<embedded defaults>"
 MIN_API_TOKEN_LENGTH = 24
 # The embedded defaults' webhook secret files, one per host kind (a GitHub HMAC made with the GitLab
@@ -56,6 +57,10 @@ class EnvSettings(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api_tokens: SecretStr | None = None
+    # The broker's own HMAC key (broker.trust): signs the PipelineRuns cibroker creates and the
+    # requests people make through the on-call surface. Only cibroker's service accounts read it.
+    signing_key: SecretStr | None = None
+    signing_key_file: Path | None = None
     tekton_api_version: Literal["v1", "v1beta1"] = "v1"
     resync_seconds: Annotated[int, Field(ge=5, le=3600)] = 60
     # Above the longest retry countdown (tasks.BACKOFF_CAP, 300 s), or kombu redelivers waiting retries early.
@@ -117,6 +122,16 @@ class Settings:
     warnings: tuple[str, ...] = field(default=())
     # Route-scoped webhook/signing secrets by route name (only routes that set any; README "Secrets scoped to repos").
     route_credentials: Mapping[str, HostCredentials] = field(default_factory=dict)
+    signing_key: SecretStr | None = None
+
+    def require_signing_key(self) -> bytes:
+        """The broker's signing key; ConfigError when this process has none (it must not run without one)."""
+        if self.signing_key is None:
+            raise ConfigError([
+                f"environment: {ENV_PREFIX}SIGNING_KEY (or {ENV_PREFIX}SIGNING_KEY_FILE) is not set: workers, the watcher "
+                "and the on-call API sign and verify PipelineRuns and people's requests with it (at least "
+                f"{MIN_SIGNING_KEY} characters; e.g. `openssl rand -hex 32`)"])
+        return self.signing_key.get_secret_value().encode("utf-8")
 
     @property
     def embedded_defaults(self) -> bool:
@@ -250,7 +265,7 @@ def resolve_all_credentials(
 
 
 def ensure_dev_secret(state_dir: Path, name: str = DEV_SECRET_FILES[0]) -> Path:
-    """One of the embedded defaults' webhook secret files: created once (0600), random, never logged."""
+    """An embedded-defaults secret file (a webhook secret, the signing key): created once (0600), random, never logged."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / name
     if path.exists():
@@ -262,7 +277,7 @@ def ensure_dev_secret(state_dir: Path, name: str = DEV_SECRET_FILES[0]) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(_secrets.token_urlsafe(24) + "\n")
+            fh.write(_secrets.token_urlsafe(32) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         try:
@@ -299,5 +314,26 @@ def load_settings(environ: Mapping[str, str], *, config_path: str | Path | None 
     creds, by_route, errors, warnings = resolve_all_credentials(routing, environ=environ, base=base)
     if errors:
         raise ConfigError([f"{source}: {e}" for e in errors])
+    signing_key = _signing_key(env, embedded=path is None)
     return Settings(env=env, routing=routing, source=source, credentials=creds, warnings=tuple(warnings),
-                    route_credentials=by_route)
+                    signing_key=signing_key, route_credentials=by_route)
+
+
+def _signing_key(env: EnvSettings, *, embedded: bool) -> SecretStr | None:
+    """CIBROKER_SIGNING_KEY, else the file CIBROKER_SIGNING_KEY_FILE names, else (embedded defaults) a generated one."""
+    where = f"{ENV_PREFIX}SIGNING_KEY"
+    value = env.signing_key.get_secret_value().strip() if env.signing_key is not None else None
+    if value is None and env.signing_key_file is not None:
+        where = f"{ENV_PREFIX}SIGNING_KEY_FILE ({env.signing_key_file})"
+        try:
+            value = env.signing_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"environment: {where}: cannot read the signing key: {exc}"]) from exc
+    if value is None and embedded:
+        where = "the embedded defaults' generated signing key"
+        value = ensure_dev_secret(env.state_dir, "signing-key").read_text(encoding="utf-8").strip()
+    if value is None:
+        return None
+    if len(value) < MIN_SIGNING_KEY:
+        raise ConfigError([f"environment: {where}: the signing key is shorter than {MIN_SIGNING_KEY} characters"])
+    return SecretStr(value)

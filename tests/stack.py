@@ -39,10 +39,16 @@ from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.kube_store import Change
 from tests.fakes.rollout import seed_deployment, seed_service_account
 from tests.fakes.tekton import is_done
-from tests.support import SECRETS, Process, base_env, free_port, payload, wait_healthy
+from tests.support import SECRETS, GitOrigin, Process, base_env, free_port, payload, template_origin, wait_healthy
 
-SHA1 = "1111111111111111111111111111111111111111"
-SHA2 = "2222222222222222222222222222222222222222"
+
+def sha_of(n: int) -> str:
+    """The n-th commit (1..256) of the origin every Stack's Git host serves: older numbers are ancestors."""
+    return template_origin().sha(n)
+
+
+SHA1 = sha_of(1)
+SHA2 = sha_of(2)
 OLD_IMAGE = "registry.example.com/acme/shop-api:0000000000000000000000000000000000000000"
 IMAGE = "registry.example.com/acme/shop-api"
 STATUS = "cibroker/build-test-push"
@@ -73,11 +79,6 @@ routes:
     deploy:
       - {{environment: staging, when: {{branches: [main]}}, namespace: staging, deployment: shop-api, container: api}}
 """
-
-
-def sha_of(n: int) -> str:
-    """A distinct, valid commit id per number."""
-    return f"{n:040x}"
 
 
 def push_body(*, sha: str = SHA1, ref: str = "refs/heads/main", before: str = "0" * 40, after: str | None = None,
@@ -125,9 +126,16 @@ def _images(deployment: Mapping[str, Any]) -> dict[str, str]:
 class Stack:
     """The three cibroker processes plus the fakes they talk to."""
 
-    def __init__(self, tmp_path: Path, redis_url: str, kube: FakeKubeAPI, gitlab: FakeGitLab, clone_url: str,
-                 **env: str) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, kube: FakeKubeAPI, gitlab: FakeGitLab, clone_url: str | None = None,
+                 *, origin: GitOrigin | None = None, **env: str) -> None:
+        """`origin`: the Git host's repository (default: this test's own copy of the template origin);
+        `clone_url`: what the route clones (default: the origin's file:// URL)."""
         self.tmp_path, self.kube, self.gitlab = tmp_path, kube, gitlab
+        if origin is None:
+            path = tmp_path / "origin.git"  # a second Stack of one test (a restart) shares the first one's
+            origin = template_origin().copy(path)
+        self.origin = origin
+        clone_url = clone_url or origin.url
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
@@ -181,7 +189,11 @@ class Stack:
 
     # -- webhooks --------------------------------------------------------------------------
 
-    def post(self, key: str | None, *, timeout: float = 10, **kw: Any) -> httpx.Response:
+    def post(self, key: str | None, *, timeout: float = 10, move: bool = True, **kw: Any) -> httpx.Response:
+        """POST a push webhook; first, unless `move=False`, the branch moves to the commit on the origin (`git push`)."""
+        ref = kw.get("ref", "refs/heads/main")
+        if move and ref.startswith("refs/heads/"):
+            self.origin.move(ref.removeprefix("refs/heads/"), kw.get("sha", SHA1))
         return httpx.post(f"{self.url}/hooks/gitlab", content=push_body(**kw), timeout=timeout,
                           headers=hook_headers(key, ref=kw.get("ref", "refs/heads/main")))
 
@@ -389,7 +401,7 @@ def kube() -> Iterator[FakeKubeAPI]:
 
 @pytest.fixture
 def stack(tmp_path: Path, redis_url: str, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab) -> Iterator[Stack]:
-    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url="https://gitlab.example.com/acme/shop-api.git")
+    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api)
     s.start_all()
     yield s
     s.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -9,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +196,98 @@ def wait_healthy(url: str, proc: Process, timeout: float = 20) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"cibroker did not answer /healthz within {timeout} s: {proc.log.read_text()}")
+
+
+# -- a real Git host's repository, for every test that pushes commits ----------------------------
+
+
+class GitOrigin:
+    """A bare repository standing in for the Git host's copy of acme/shop-api.
+
+    Made by one `git fast-import` call: `commits` empty-tree commits in one line of history
+    (commit n is the parent of commit n+1, so an older number is always an ancestor), with fixed
+    dates, so the ids are the same on every run. `sha(n)` is the n-th commit (from 1). A hidden ref
+    keeps every commit reachable; `move(branch, sha)` is what a developer's `git push` does to
+    the host before the webhook is sent. `copy()` gives a test its own refs over the same objects.
+    """
+
+    HIDDEN = "refs/cibroker-test/all"
+
+    def __init__(self, path: Path, shas: list[str]) -> None:
+        self.path, self._shas = path, shas
+        self._known = set(shas)
+
+    @classmethod
+    def create(cls, path: Path, *, commits: int, branches: dict[str, int] | None = None) -> GitOrigin:
+        """`branches`: name -> the commit number it points at (default: main at the last commit)."""
+        env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(path.parent)}
+        subprocess.run(["git", "init", "-q", "--bare", str(path)], check=True, env=env)
+        lines = []
+        for n in range(1, commits + 1):
+            message = f"commit {n}\n".encode()
+            lines.append(b"commit %s\nmark :%d\ncommitter Dev <dev@example.com> %d +0000\ndata %d\n%s\n"
+                         % (cls.HIDDEN.encode(), n, 1_700_000_000 + n, len(message), message))
+        for name, n in (branches or {"main": commits}).items():
+            lines.append(b"reset refs/heads/%s\nfrom :%d\n\n" % (name.encode(), n))
+        marks = path / "cibroker-marks"
+        subprocess.run(["git", "fast-import", "--quiet", f"--export-marks={marks}"], input=b"".join(lines),
+                       cwd=path, check=True, env={**env, "GIT_DIR": str(path)})
+        by_mark = dict(line.split(" ", 1) for line in marks.read_text().split("\n") if line)
+        return cls(path, [by_mark[f":{n}"].strip() for n in range(1, commits + 1)])
+
+    @property
+    def url(self) -> str:
+        return self.path.as_uri()
+
+    def sha(self, n: int) -> str:
+        """The n-th commit's id (1-based; n-1 is its parent)."""
+        if not 1 <= n <= len(self._shas):
+            raise IndexError(f"the origin has commits 1..{len(self._shas)}, not {n}")
+        return self._shas[n - 1]
+
+    def knows(self, sha: str) -> bool:
+        return sha in self._known
+
+    def move(self, branch: str, sha: str) -> None:
+        """Point refs/heads/<branch> at `sha`, as a push to the host does (a loose ref, written atomically)."""
+        assert self.knows(sha), f"{sha} is not a commit of the origin; post with move=False to push an unknown commit"
+        ref = self.path / "refs" / "heads" / branch
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        part = ref.with_name(f".{ref.name}.{os.getpid()}.{threading.get_ident()}")
+        part.write_text(sha + "\n")
+        os.replace(part, ref)
+
+    def head(self, branch: str) -> str | None:
+        ref = self.path / "refs" / "heads" / branch
+        return ref.read_text().strip() if ref.exists() else None
+
+    def delete(self, branch: str) -> None:
+        (self.path / "refs" / "heads" / branch).unlink(missing_ok=True)
+
+    def fork(self, n: int, message: str = "fork") -> str:
+        """A new commit whose parent is commit n (history that diverges from n+1...); kept reachable."""
+        env = {**os.environ, "GIT_DIR": str(self.path), "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Dev",
+               "GIT_AUTHOR_EMAIL": "dev@example.com", "GIT_COMMITTER_NAME": "Dev", "GIT_COMMITTER_EMAIL": "dev@example.com"}
+        git = functools.partial(subprocess.run, check=True, capture_output=True, text=True, env=env)
+        tree = git(["git", "rev-parse", f"{self.sha(n)}^{{tree}}"]).stdout.strip()
+        sha = git(["git", "commit-tree", tree, "-p", self.sha(n), "-m", message]).stdout.strip()
+        git(["git", "update-ref", f"refs/cibroker-test/fork-{sha}", sha])
+        self._known.add(sha)
+        return sha
+
+    def copy(self, path: Path) -> GitOrigin:
+        """This origin's objects and refs at `path` (an existing copy there is taken as it is)."""
+        if not path.exists():
+            shutil.copytree(self.path, path, symlinks=True)
+        return GitOrigin(path, self._shas)
+
+
+TEMPLATE_COMMITS = 256
+
+
+@functools.cache
+def template_origin() -> GitOrigin:
+    """This process's origin template (256 commits, main at the last), built once; removed at exit."""
+    where = Path(tempfile.mkdtemp(prefix="cibroker-origin-"))
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    return GitOrigin.create(where / "origin.git", commits=TEMPLATE_COMMITS)

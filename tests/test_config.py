@@ -637,7 +637,7 @@ def test_embedded_defaults_create_a_private_webhook_secret_and_reuse_it(tmp_path
     second = load_settings({"CIBROKER_STATE_DIR": str(state)}, config_path=None)
     assert second.credentials["gitlab"].webhook_values() == (values["webhook-secret"],)
     assert second.credentials["github"].webhook_values() == (values["github-webhook-secret"],)
-    assert sorted(p.name for p in state.iterdir()) == ["github-webhook-secret", "webhook-secret"]
+    assert sorted(p.name for p in state.iterdir()) == ["github-webhook-secret", "signing-key", "webhook-secret"]
 
 
 def test_embedded_defaults_prefer_a_webhook_secret_from_the_environment(tmp_path: Path) -> None:

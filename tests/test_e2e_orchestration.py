@@ -62,7 +62,7 @@ def test_a_newer_push_cancels_the_older_run_and_says_so(stack: Stack, kube: Fake
         stack.wait("old run canceled", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["canceled"])
         stack.wait("new run deployed", lambda: stack.gitlab.states(SHA2, "deploy/staging")[-1:] == ["success"])
     canceled = [c for c in stack.gitlab.calls if (c.body or {}).get("state") == "canceled"][-1]
-    assert canceled.body["description"] == "build-test-push: canceled, superseded by 22222222"
+    assert canceled.body["description"] == f"build-test-push: canceled, superseded by {SHA2[:8]}"
     assert stack.gitlab.states(SHA2, STATUS) == ["pending", "running", "success"]
     assert stack.image().endswith(SHA2)
 
@@ -136,3 +136,30 @@ def test_annotated_tag_is_peeled_with_git_and_built(tmp_path: Path, redis_url: s
         assert fake_gitlab_api.states(commit, "deploy/staging") == []  # staging deploys main only
     finally:
         s.stop()
+
+
+def test_a_signed_push_of_a_commit_the_git_host_does_not_know_is_refused(stack: Stack, kube: FakeKubeAPI) -> None:
+    """The secret signed it, but the origin has no such commit: a failed status naming why, and no PipelineRun."""
+    made_up = "ab" * 20
+    delivery = stack.push("forged", sha=made_up, move=False)
+    stack.wait("failed status", lambda: stack.gitlab.states(made_up, STATUS) == ["failed"])
+    [failed] = [c.body for c in stack.gitlab.calls if (c.body or {}).get("state") == "failed"]
+    assert "does not confirm commit abababab on branch main" in failed["description"]
+    stack.wait("decision log says failed", lambda: stack.delivery(delivery)["state"] == "failed")
+    assert [e["step"] for e in stack.delivery(delivery)["log"]][-2:] == ["failed", "status_posted"]
+    assert stack.runs() == [] and not kube.calls("POST", r"/pipelineruns$")
+
+
+def test_an_old_push_delivered_late_never_cancels_the_newer_run(stack: Stack, kube: FakeKubeAPI) -> None:
+    """Push 2 (before = 1) reaches the broker before push 1: push 1's run is cancelled at once, push 2 deploys."""
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=2.0), RolloutSimulator(kube):
+        stack.origin.move("main", SHA1)  # both pushes happened; their webhooks arrive in the wrong order
+        new = stack.push("new", sha=SHA2, before=SHA1)
+        stack.wait("new run running", lambda: stack.gitlab.states(SHA2, STATUS)[-1:] == ["running"])
+        old = stack.push("old", sha=SHA1, move=False)
+        stack.wait("old run canceled", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["canceled"])
+        stack.wait("new run deployed", lambda: stack.gitlab.states(SHA2, "deploy/staging")[-1:] == ["success"])
+    assert stack.gitlab.states(SHA2, STATUS) == ["pending", "running", "success"]
+    assert stack.image().endswith(SHA2)
+    assert any(e["step"] == "superseded" and "push chain" in e["detail"] for e in stack.delivery(old)["log"])
+    assert not any(e["step"] == "superseded" for e in stack.delivery(new)["log"])

@@ -34,7 +34,6 @@ from tests.stack import (API_TOKEN, DEPLOY_STATUS, IMAGE, KUBE_TOKEN, STATUS, Ou
 from tests.support import SECRETS, RedisServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
-CLONE_URL = "https://gitlab.example.com/acme/shop-api.git"
 SECRET_VALUES = [*SECRETS.values(), GITLAB_TOKEN, KUBE_TOKEN, API_TOKEN]
 
 
@@ -44,7 +43,7 @@ def make_stack(tmp_path: Path, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab) -
     made: list[tuple[Stack, str]] = []
 
     def make(redis_url: str, **env: str) -> Stack:
-        s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url=CLONE_URL, **env)
+        s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, **env)
         made.append((s, redis_url))
         return s
 
@@ -355,6 +354,7 @@ def test_duplicate_storm_and_resends_make_one_run(faulty: Stack, kube: FakeKubeA
                                           for _ in range(100)])
 
     with TektonSimulator(kube, auto_start=0.2, auto_finish=0.5), RolloutSimulator(kube):
+        stack.origin.move("main", sha)  # the push the 100 copies announce
         answers = asyncio.run(storm())
         assert sorted(r.status_code for r in answers) == [200] * 99 + [202]
         [first] = {r.json()["delivery_id"] for r in answers}

@@ -344,6 +344,49 @@ def test_a_mirror_locked_by_another_process_is_waited_for(resolver: GitCommitRes
     assert answers == [True]
 
 
+# --- branch_contains: the pushed commit is real and on its branch ---------------------------
+
+
+def test_a_branch_at_the_pushed_commit_answers_its_head_with_one_ls_remote(
+        resolver: GitCommitResolver, origin: Origin, git_spy: GitSpy) -> None:
+    assert resolver.branch_contains(clone_url=origin.url, branch="main", sha=origin.c4, auth=None) == origin.c4
+    assert [line.split()[0] for line in git_spy.argv().splitlines()] == ["ls-remote"]  # no mirror, no fetch
+
+
+def test_a_branch_that_moved_on_contains_the_pushed_ancestor(resolver: GitCommitResolver, origin: Origin) -> None:
+    """c2 was pushed, then main moved on to c4: c2 is its ancestor, and main's head is answered."""
+    assert resolver.branch_contains(clone_url=origin.url, branch="main", sha=origin.c2.upper(), auth=None) == origin.c4
+
+
+def test_a_commit_only_on_another_branch_is_permanent_and_named(resolver: GitCommitResolver, origin: Origin) -> None:
+    with pytest.raises(Permanent, match=f"commit {origin.f1[:12]} is not on branch main of {origin.url}: "
+                                        f"the branch is at {origin.c4[:12]}"):
+        resolver.branch_contains(clone_url=origin.url, branch="main", sha=origin.f1, auth=None)
+
+
+def test_a_commit_the_remote_does_not_know_is_permanent(resolver: GitCommitResolver, origin: Origin) -> None:
+    with pytest.raises(Permanent, match=f"commit {MISSING_SHA} not found on {origin.url}"):
+        resolver.branch_contains(clone_url=origin.url, branch="main", sha=MISSING_SHA, auth=None)
+
+
+def test_a_branch_that_is_gone_is_permanent(resolver: GitCommitResolver, origin: Origin) -> None:
+    with pytest.raises(Permanent, match="branch gone not found"):
+        resolver.branch_contains(clone_url=origin.url, branch="gone", sha=origin.c1, auth=None)
+
+
+def test_an_unreachable_remote_is_transient_for_branch_contains(resolver: GitCommitResolver) -> None:
+    with pytest.raises(Transient, match="could not reach"):
+        resolver.branch_contains(clone_url=f"http://127.0.0.1:{closed_port()}/r.git", branch="main", sha="a" * 40, auth=AUTH)
+
+
+@pytest.mark.parametrize("sha", ["abc", "g" * 40, "--upload-pack=evil" + "a" * 23])
+def test_bad_pushed_commit_ids_are_refused_without_running_git(
+        resolver: GitCommitResolver, origin: Origin, git_spy: GitSpy, sha: str) -> None:
+    with pytest.raises(Permanent, match="expected a full 40- or 64-hex commit id"):
+        resolver.branch_contains(clone_url=origin.url, branch="main", sha=sha, auth=None)
+    assert git_spy.argv() == ""
+
+
 # --- credentials and network failures ------------------------------------------------------
 
 
@@ -363,7 +406,7 @@ def test_credentials_stay_out_of_argv_and_errors(resolver: GitCommitResolver, gi
     assert f"GIT_CONFIG_VALUE_0=Authorization: {AUTH_HEADER}" in git_spy.env_log.read_text()
 
 
-@pytest.mark.parametrize("verb", ["resolve_tag", "is_ancestor"])
+@pytest.mark.parametrize("verb", ["resolve_tag", "is_ancestor", "branch_contains"])
 def test_auth_is_sent_as_a_basic_header(resolver: GitCommitResolver, http_recorder: Recorder, verb: str) -> None:
     """The server sees Authorization: Basic base64(user:token); a 404 from it is Permanent."""
     with pytest.raises(Permanent, match="repository not found at http://127.0.0.1") as caught:
@@ -402,7 +445,7 @@ def test_http_answers_map_to_permanent_or_transient(
         status: int, error: type[Exception], words: str) -> None:
     """401/403 are authentication failures, 404 a missing repository (Permanent); 5xx/429 are Transient."""
     http_recorder.status = status
-    for verb in ("resolve_tag", "is_ancestor"):
+    for verb in ("resolve_tag", "is_ancestor", "branch_contains"):
         with pytest.raises(error, match=words) as caught:
             call(resolver, verb, http_recorder.url, AUTH)
         assert type(caught.value) is error and "s3cr3t" not in str(caught.value)
@@ -429,4 +472,6 @@ def test_scrub_url_drops_userinfo() -> None:
 def call(resolver: GitCommitResolver, verb: str, url: str, auth: tuple[str, str] | None) -> object:
     if verb == "resolve_tag":
         return resolver.resolve_tag(clone_url=url, tag="v1.0", auth=auth)
+    if verb == "branch_contains":
+        return resolver.branch_contains(clone_url=url, branch="main", sha="a" * 40, auth=auth)
     return resolver.is_ancestor(clone_url=url, ancestor="a" * 40, descendant="b" * 40, auth=auth)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +12,20 @@ import pytest
 from starlette.testclient import TestClient
 
 from broker import pipelinerun as pr
+from broker.errors import Transient
 from broker.ports import CommitState
 from broker.store import SyncStore
 from broker.web import create_app
 from config.settings import Settings
+from tests.fakes.githost_api import GITLAB_TOKEN, FakeGitLab
+from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
-from tests.support import FIXTURES, make_settings, payload
+from tests.fakes.rollout import seed_service_account
+from tests.stack import hook_headers, push_body
+from tests.support import FIXTURES, free_port, make_settings, payload, template_origin
+from workers.githost import git_host_for
+from workers.gitrepo import GitCommitResolver
+from workers.kube import KubeCluster
 from workers.orchestration import Orchestrator, RunRef
 
 SHA1 = "1111111111111111111111111111111111111111"
@@ -56,6 +66,10 @@ class World:
         }
 
     def push(self, key: str, **kw: Any) -> str:
+        """Push (the remote's branch moves to the commit, as `git push` does), then its webhook."""
+        ref = kw.get("ref", "refs/heads/main")
+        if ref.startswith("refs/heads/"):
+            self.resolver.push(ref.removeprefix("refs/heads/"), kw.get("sha", SHA1), before=kw.get("before", "0" * 40))
         event = "Tag Push Hook" if kw.get("ref", "").startswith("refs/tags/") else "Push Hook"
         r = self.client.post("/hooks/gitlab", content=body(**kw),
                              headers={"X-Gitlab-Event": event, "X-Gitlab-Token": "topsecret", "Idempotency-Key": key})
@@ -264,3 +278,260 @@ def test_an_older_commit_never_overwrites_a_newer_deploy(world: World) -> None:
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
     assert world.host.statuses[-1].state is CommitState.CANCELED
     assert "older than 22222222" in world.host.statuses[-1].description
+
+
+# -- the commit is real, and superseding follows the push chain: real adapters ---------------------
+# GitCommitResolver on a real repository (the Git host's copy), KubeCluster over the wire-level fake
+# Kubernetes API, the GitLab adapter over the fake GitLab API, the real edge and Redis.
+
+ZERO = "0" * 40
+
+
+class GitWorld:
+    """The edge and the orchestrator on real adapters; `origin` is the Git host's repository."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, kube_api: FakeKubeAPI, kube_cluster: KubeCluster,
+                 gitlab: FakeGitLab, *, clone_url: str | None = None) -> None:
+        self.origin = template_origin().copy(tmp_path / "origin.git")
+        self.kube, self.gitlab = kube_api, gitlab
+        routing = (FIXTURES / "routing" / "example.yaml").read_text().replace(
+            "https://gitlab.example.com/acme/shop-api.git", clone_url or self.origin.url).replace(
+            "https://gitlab.example.com/api/v4", gitlab.api_url)
+        self.settings = make_settings(tmp_path, routing=routing,
+                                      environ={"CIBROKER_REDIS_URL": redis_url, "GITLAB_API_TOKEN": GITLAB_TOKEN})
+        self.store = SyncStore(redis_url, timeout=2)
+        self.resolver = GitCommitResolver(tmp_path / "git-cache", timeout=20)
+        self.orch = Orchestrator(settings=self.settings, store=self.store, cluster=kube_cluster, resolver=self.resolver,
+                                 git_hosts={"gitlab": git_host_for("gitlab", api_url=gitlab.api_url, token=GITLAB_TOKEN,
+                                                                   host_id="gitlab")})
+        seed_service_account(kube_api, namespace="ci", name="pipeline-bot")
+        self.client = TestClient(create_app(self.settings))
+        self.client.__enter__()
+
+    def push(self, key: str, *, sha: str, before: str = ZERO, branch: str = "main", move: bool = True) -> str:
+        """`git push` (the origin's branch moves to `sha`, unless `move=False`), then the webhook: its delivery id."""
+        if move:
+            self.origin.move(branch, sha)
+        r = self.client.post("/hooks/gitlab", content=push_body(sha=sha, before=before, ref=f"refs/heads/{branch}"),
+                             headers=hook_headers(key))
+        assert r.status_code == 202, r.text
+        return r.json()["delivery_id"]
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """PipelineRuns in the fake API by commit."""
+        return {r["metadata"]["labels"][pr.L_SHA]: r for r in self.kube.list("pipelineruns", "ci")}
+
+    def cancelled(self, sha: str) -> bool:
+        return bool(self.runs()[sha]["spec"].get("status"))
+
+    def log(self, delivery_id: str) -> list[tuple[str, str]]:
+        return [(e["step"], e["detail"]) for e in self.store.get(delivery_id)["log"]]
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+        self.store.close()
+
+
+@pytest.fixture
+def gw(tmp_path: Path, redis_url: str, kube_api: FakeKubeAPI, kube_cluster: KubeCluster,
+       fake_gitlab_api: FakeGitLab) -> Iterator[GitWorld]:
+    w = GitWorld(tmp_path, redis_url, kube_api, kube_cluster, fake_gitlab_api)
+    yield w
+    w.close()
+
+
+def test_a_branch_at_the_pushed_commit_is_built_and_the_log_says_so(gw: GitWorld) -> None:
+    sha = gw.origin.sha(5)
+    delivery = gw.push("a", sha=sha)
+    [name] = gw.orch.start(delivery, token="t")
+    assert list(gw.runs()) == [sha] and gw.runs()[sha]["metadata"]["name"] == name
+    assert ("commit_resolved", f"branch main points at {sha[:8]}, as pushed") in gw.log(delivery)
+    assert gw.gitlab.states(sha, "cibroker/build-test-push") == ["pending"]
+
+
+def test_a_branch_that_moved_on_builds_what_was_pushed(gw: GitWorld) -> None:
+    """A later push moved main before the worker got to this one: the pushed commit is its ancestor, so it is built."""
+    sha, later = gw.origin.sha(5), gw.origin.sha(9)
+    delivery = gw.push("a", sha=sha)
+    gw.origin.move("main", later)
+    gw.orch.start(delivery, token="t")
+    params = {p["name"]: p["value"] for p in gw.runs()[sha]["spec"]["params"]}
+    assert params["git-revision"] == sha
+    assert ("commit_resolved", f"branch main moved on to {later[:8]}; {sha[:8]} is its ancestor: building what was pushed"
+            ) in gw.log(delivery)
+
+
+def test_a_commit_the_host_does_not_know_fails_with_why_and_makes_no_run(gw: GitWorld) -> None:
+    """A payload signed with the secret but naming a commit that exists nowhere: no PipelineRun, a failed status."""
+    made_up = "ab" * 20
+    delivery = gw.push("a", sha=made_up, move=False)
+    assert gw.orch.start(delivery, token="t") == []
+    assert gw.kube.list("pipelineruns", "ci") == []
+    assert gw.gitlab.states(made_up, "cibroker/build-test-push") == ["failed"]
+    [failed] = [c.body for c in gw.gitlab.calls if (c.body or {}).get("state") == "failed"]
+    assert "does not confirm commit abababab on branch main" in failed["description"]
+    assert f"commit {made_up} not found on {gw.origin.url}" in failed["description"]
+    step, detail = gw.log(delivery)[-2]
+    assert step == "failed" and "does not confirm commit abababab" in detail
+    assert gw.store.get(delivery)["state"] == "failed"
+
+
+def test_a_commit_that_is_only_on_another_branch_is_refused(gw: GitWorld) -> None:
+    """The commit is real but main does not contain it (it is on `feature` only): not built for main."""
+    gw.origin.move("main", gw.origin.sha(5))
+    other = gw.origin.sha(9)
+    gw.origin.move("feature", other)
+    delivery = gw.push("a", sha=other, move=False)
+    assert gw.orch.start(delivery, token="t") == []
+    assert gw.kube.list("pipelineruns", "ci") == []
+    [failed] = [c.body for c in gw.gitlab.calls if (c.body or {}).get("state") == "failed"]
+    assert f"commit {other[:12]} is not on branch main" in failed["description"]
+
+
+def test_a_branch_that_is_gone_is_refused(gw: GitWorld) -> None:
+    sha = gw.origin.sha(5)
+    delivery = gw.push("a", sha=sha, branch="release/1")
+    gw.origin.delete("release/1")
+    assert gw.orch.start(delivery, token="t") == []
+    assert gw.kube.list("pipelineruns", "ci") == []
+    assert "branch release/1 not found" in gw.gitlab.calls[-1].body["description"]
+
+
+def test_git_unreachable_is_retried_not_failed(tmp_path: Path, redis_url: str, kube_api: FakeKubeAPI,
+                                               kube_cluster: KubeCluster, fake_gitlab_api: FakeGitLab) -> None:
+    """The Git host refuses connections: Transient (the task retries); no failed status, no run, no `failed` step."""
+    w = GitWorld(tmp_path, redis_url, kube_api, kube_cluster, fake_gitlab_api,
+                 clone_url=f"http://127.0.0.1:{free_port()}/acme/shop-api.git")
+    try:
+        delivery = w.push("a", sha=w.origin.sha(5))
+        with pytest.raises(Transient, match="could not reach"):
+            w.orch.start(delivery, token="t")
+        assert w.kube.list("pipelineruns", "ci") == [] and fake_gitlab_api.calls == []
+        assert "failed" not in [step for step, _ in w.log(delivery)]
+    finally:
+        w.close()
+
+
+def test_an_old_push_delivered_after_the_newer_one_never_cancels_it(gw: GitWorld) -> None:
+    """Push 1 then push 2 (before = 1), but the worker gets push 2 first: push 1's late run is the one cancelled."""
+    one, two = gw.origin.sha(3), gw.origin.sha(4)
+    older = gw.push("one", sha=one, before=gw.origin.sha(2))
+    newer = gw.push("two", sha=two, before=one)
+    gw.orch.start(newer, token="t2")
+    gw.orch.start(older, token="t1")
+    assert not gw.cancelled(two)
+    assert gw.cancelled(one) and gw.runs()[one]["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == two[:8]
+    [(_, said)] = [e for e in gw.log(older) if e[0] == "superseded"]
+    assert f"the push chain puts push {two[:8]} after {one[:8]}" in said
+
+
+def test_a_replayed_old_push_cannot_cancel_the_newer_run(gw: GitWorld) -> None:
+    """Push 2 superseded push 1; push 1's delivery is replayed (a new key: the newest arrival), and its task
+    redelivered after its run was pruned: the newer run is never cancelled, the old one is cancelled at once."""
+    one, two = gw.origin.sha(3), gw.origin.sha(4)
+    older = gw.push("one", sha=one, before=gw.origin.sha(2))
+    gw.orch.start(older, token="t1")
+    newer = gw.push("two", sha=two, before=one)
+    gw.orch.start(newer, token="t2")
+    assert gw.cancelled(one) and not gw.cancelled(two)
+    replay = gw.client.post("/hooks/gitlab", content=push_body(sha=one, before=gw.origin.sha(2)), headers=hook_headers("replay"))
+    if replay.status_code == 202:  # the edge took it as new: the worker must still not be fooled by arrival time
+        gw.orch.start(replay.json()["delivery_id"], token="t3")
+    assert not gw.cancelled(two)
+    gw.kube.delete("pipelineruns", "ci", gw.runs()[one]["metadata"]["name"])
+    gw.orch.start(older, token="t4")
+    assert gw.cancelled(one) and not gw.cancelled(two)
+
+
+def test_annotations_of_other_runs_do_not_order_pushes(gw: GitWorld) -> None:
+    """Anyone with patch rights can write `received-at`: an old run stamped 'newest' is still superseded."""
+    one, two = gw.origin.sha(3), gw.origin.sha(4)
+    gw.orch.start(gw.push("one", sha=one, before=gw.origin.sha(2)), token="t1")
+    name = gw.runs()[one]["metadata"]["name"]
+    gw.orch.cluster.patch_pipelinerun(namespace="ci", name=name, patch={  # as anyone with patch rights may
+        "metadata": {"annotations": {pr.A_RECEIVED: "9999-12-31T23:59:59.999Z"}}})
+    gw.orch.start(gw.push("two", sha=two, before=one), token="t2")
+    assert gw.cancelled(one) and not gw.cancelled(two)
+
+
+def test_a_run_whose_delivery_label_names_no_stored_delivery_is_left_alone(gw: GitWorld) -> None:
+    one, two = gw.origin.sha(3), gw.origin.sha(4)
+    gw.orch.start(gw.push("one", sha=one, before=gw.origin.sha(2)), token="t1")
+    name = gw.runs()[one]["metadata"]["name"]
+    gw.orch.cluster.patch_pipelinerun(namespace="ci", name=name, patch={"metadata": {"labels": {pr.L_DELIVERY: "01nosuchdelivery"}}})
+    gw.orch.start(gw.push("two", sha=two, before=one), token="t2")
+    assert not gw.cancelled(one) and not gw.cancelled(two)
+
+
+def test_concurrent_pushes_see_each_other_and_converge(gw: GitWorld) -> None:
+    """Both creates held in flight at once, so each worker lists after both runs exist: only the newer survives."""
+    one, two = gw.origin.sha(3), gw.origin.sha(4)
+    older, newer = gw.push("one", sha=one, before=gw.origin.sha(2)), gw.push("two", sha=two, before=one)
+    gw.kube.delay(r"/pipelineruns$", 0.5, method="POST", times=2)
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(gw.orch.start, older, token="t1"), pool.submit(gw.orch.start, newer, token="t2")]
+        for f in done:
+            f.result(30)
+    assert set(gw.runs()) == {one, two}
+    assert gw.cancelled(one) and not gw.cancelled(two)
+
+
+@pytest.mark.parametrize("order", ["older first", "newer first"])
+def test_a_broken_chain_falls_back_to_git_ancestry(gw: GitWorld, order: str) -> None:
+    """The push between them was never delivered (no link): git says which commit descends from the other."""
+    one, three = gw.origin.sha(3), gw.origin.sha(5)
+    older = gw.push("one", sha=one, before=gw.origin.sha(2))
+    newer = gw.push("three", sha=three, before=gw.origin.sha(4))  # the push 3 -> 4 is missing
+    for delivery in ([older, newer] if order == "older first" else [newer, older]):
+        gw.orch.start(delivery, token=f"t-{delivery}")
+    assert gw.cancelled(one) and not gw.cancelled(three)
+    said = [d for d_id in (older, newer) for step, d in gw.log(d_id) if step == "superseded"]
+    assert len(said) == 1 and "git ancestry (the push chain is broken)" in said[0]
+
+
+def test_an_order_nobody_can_tell_cancels_nothing_and_says_so(gw: GitWorld) -> None:
+    """Chain broken and the histories diverged (a force push whose delivery was lost): both runs go on, logged."""
+    five = gw.origin.sha(5)
+    first = gw.push("five", sha=five, before=gw.origin.sha(4))
+    gw.orch.start(first, token="t1")
+    forked = gw.origin.fork(2)
+    second = gw.push("forked", sha=forked, before=gw.origin.sha(7))  # main was force-pushed; that push was lost
+    gw.orch.start(second, token="t2")
+    assert not gw.cancelled(five) and not gw.cancelled(forked)
+    [(_, said)] = [e for e in gw.log(second) if e[0] == "supersede_undecided"]
+    assert "nothing is cancelled on a guess" in said and five[:8] in said
+
+
+def test_a_later_push_supersedes_a_persons_rerun_but_an_older_one_does_not(gw: GitWorld) -> None:
+    """A re-run of push 2 is cancelled by push 3 (newer on the chain); push 1, delivered late, does not touch it."""
+    from broker.operations import Actor, Operations
+
+    one, two, three = gw.origin.sha(3), gw.origin.sha(4), gw.origin.sha(5)
+    ops = Operations(settings=gw.settings, store=gw.store, cluster=gw.orch.cluster, resolver=gw.resolver)
+    older = gw.push("one", sha=one, before=gw.origin.sha(2))
+    second = gw.push("two", sha=two, before=one)
+    gw.orch.start(second, token="t2")
+    gw.orch.cluster.patch_pipelinerun(namespace="ci", name=gw.runs()[two]["metadata"]["name"], patch={"spec": {"status": "Cancelled"}})
+    plan = ops.rerun(actor=Actor(who="alice", channel="cli"), delivery_id=second)
+    [rerun_name] = gw.orch.start(plan["delivery_id"], attempt=plan["attempt"], token="r")
+    rerun = lambda: gw.kube.get("pipelineruns", "ci", rerun_name)  # noqa: E731
+    gw.orch.start(older, token="t1")  # late: push 2 is newer, so push 1's run goes at once; the re-run stays
+    assert not rerun()["spec"].get("status") and gw.cancelled(one)
+    assert gw.runs()[one]["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == two[:8]
+    gw.orch.start(gw.push("three", sha=three, before=two), token="t3")
+    assert rerun()["spec"]["status"] == "Cancelled" and rerun()["metadata"]["annotations"][pr.A_SUPERSEDED_BY] == three[:8]
+    assert gw.cancelled(one) and not gw.cancelled(three)
+
+
+def test_the_push_chain_walk_is_bounded_and_ends_on_loops(redis_url: str) -> None:
+    """Links a -> b -> c, a loop d <-> e (a force push back): the walk answers, undecided beyond its bound."""
+    store = SyncStore(redis_url, timeout=2)
+    key = {"host": "gitlab", "repo_id": "42", "ref": "refs/heads/main"}
+    for after, before in (("b", "a"), ("c", "b"), ("d", "e"), ("e", "d")):
+        store.link_push(**key, after=after, before=before, ttl=60)
+    assert store.push_order(**key, ours="c", others=["a", "b", "c", "d", "zz"], max_steps=10) == [1, 1, 0, 0, 0]
+    assert store.push_order(**key, ours="a", others=["c"], max_steps=10) == [-1]
+    assert store.push_order(**key, ours="c", others=["a"], max_steps=1) == [0]  # a is two links back
+    assert store.push_order(**key, ours="d", others=["e"], max_steps=10) == [1]  # a loop: both walks end, first answer wins
+    assert store.push_order(**{**key, "ref": "refs/heads/other"}, ours="c", others=["a"], max_steps=10) == [0]
+    store.close()

@@ -64,7 +64,8 @@ def test_a_real_worker_runs_the_hand_written_message(redis_url: str, tmp_path: P
     cluster = FakeCluster(service_accounts={("ci", "pipeline-bot")})
     host = FakeGitHost()
     app = create_celery(settings, orchestrator=lambda s: Orchestrator(
-        settings=s, store=store, cluster=cluster, git_hosts={"gitlab": host}, resolver=FakeResolver()))
+        settings=s, store=store, cluster=cluster, git_hosts={"gitlab": host},
+        resolver=FakeResolver(branches={"master": "2adc9465c4edfc33834e173fe89436a7cb899a1d"})))  # the payload's push
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         deadline = time.monotonic() + 20
         while not host.statuses:

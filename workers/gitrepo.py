@@ -145,6 +145,23 @@ class GitCommitResolver:
             raise Permanent(f"branch {branch} not found on {remote.url}")
         return sha.strip().lower()
 
+    def branch_contains(self, *, clone_url: str, branch: str, sha: str, auth: tuple[str, str] | None) -> str:
+        """The head of `branch` on the remote now, when `sha` is that head or an ancestor of it.
+
+        One `git ls-remote` of the branch; only when the branch moved on since the push is the
+        pushed commit's ancestry checked in this URL's mirror. Permanent when the remote does not
+        know the commit, has no such branch, or the branch does not contain the commit;
+        Transient when the remote could not be asked.
+        """
+        remote = _remote(clone_url, auth)
+        sha = sha.lower()
+        _check_sha(sha)
+        head = self.resolve_branch(clone_url=clone_url, branch=branch, auth=auth)
+        if head == sha or self.is_ancestor(clone_url=clone_url, ancestor=sha, descendant=head, auth=auth):
+            return head
+        raise Permanent(f"commit {sha[:12]} is not on branch {branch} of {remote.url}: the branch is at {head[:12]}, "
+                        "which does not contain it")
+
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
         """True when `ancestor` is reachable from `descendant`, fetching both into this URL's mirror."""
         remote = _remote(clone_url, auth)

@@ -37,6 +37,27 @@ CLAIM_TTL = 30 * 86400
 # died); longer than the Git host client's own timeouts.
 STATUS_LEASE_SECONDS = 30.0
 SA_CACHE_SECONDS = 60.0
+# Superseding: links of the push chain walked per push when ordering two pushes of one branch, and
+# how many finished runs of the branch (newest created first) a push is compared with.
+CHAIN_STEPS = 200
+FINISHED_COMPARED = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _OtherRun:
+    """Another run of the same branch and route, as its stored delivery (not its annotations) describes it."""
+
+    name: str
+    delivery_id: str
+    sha: str
+    pushed: str
+    rerun: bool
+    active: bool
+
+
+def _active(obj: Mapping[str, Any]) -> bool:
+    """Neither finished nor already being cancelled."""
+    return not is_final(run_state(obj)) and not (obj.get("spec") or {}).get("status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,13 +191,13 @@ class Orchestrator:
         self.report(ref, CommitState.PENDING, f"{route.pipeline}: queued", token=token)
         if self._supersedes(route, kind) and not record.get("rerun_of"):
             # A person's re-run neither cancels newer pushes nor is cancelled by older ones; a later push still supersedes it.
-            self._supersede(route, req, namespace=namespace, name=name)
+            self._supersede(route, req, namespace=namespace, name=name, pushed=push.get("pushed") or sha, git_url=git_url)
         return name
 
     def _commit(self, push: Mapping[str, Any], *, kind: RefKind, git_url: str, host_id: str, delivery_id: str) -> str:
-        """The commit to build: the event's; for tags, confirmed (and peeled) with git ls-remote."""
+        """The commit to build, confirmed with the Git host: tags peeled with git ls-remote, branches checked to hold it."""
         if kind is not RefKind.TAG:
-            return str(push["sha"])
+            return self._confirm_branch(push, git_url=git_url, host_id=host_id, delivery_id=delivery_id)
         peeled = self.resolver.resolve_tag(clone_url=git_url, tag=push["name"], auth=self.git_auth(host_id))
         if peeled == push["sha"]:
             detail = f"tag {push['name']} peels to {peeled[:8]} on the remote, as the push said"
@@ -189,6 +210,32 @@ class Orchestrator:
             )
         self._log(delivery_id, "commit_resolved", detail)
         return peeled
+
+    def _confirm_branch(self, push: Mapping[str, Any], *, git_url: str, host_id: str, delivery_id: str) -> str:
+        """The pushed commit, once the host says the branch points at it or has moved on from it.
+
+        A payload is only as good as the secret that signed it: the Git host's own answer (one
+        ls-remote; ancestry only when the branch moved on) is what makes the commit real. Then
+        the push's link (before -> after) joins the branch's push chain, before any run exists.
+        """
+        sha, branch = str(push["sha"]), str(push["name"])
+        if self.dry_run:
+            self._log(delivery_id, "commit_resolved", f"DRY RUN: branch {branch} at {sha[:8]} not confirmed with the Git host")
+            return sha
+        try:
+            head = self.resolver.branch_contains(clone_url=git_url, branch=branch, sha=sha, auth=self.git_auth(host_id))
+        except Permanent as exc:
+            raise Permanent(f"the Git host does not confirm commit {sha[:8]} on branch {branch}: {exc}") from exc
+        if head == sha:
+            detail = f"branch {branch} points at {sha[:8]}, as pushed"
+        else:
+            detail = f"branch {branch} moved on to {head[:8]}; {sha[:8]} is its ancestor: building what was pushed"
+        self._log(delivery_id, "commit_resolved", detail, head=head)
+        if push.get("before"):
+            self.store.link_push(host=host_id, repo_id=str(push["repo_id"]), ref=str(push["ref"]),
+                                 after=str(push.get("pushed") or sha), before=str(push["before"]),
+                                 ttl=self.settings.env.retention_days * 86400)
+        return sha
 
     def _preflight(self, namespace: str, body: Mapping[str, Any]) -> None:
         spec = body["spec"]
@@ -207,31 +254,90 @@ class Orchestrator:
     def _supersedes(route: Route, kind: RefKind) -> bool:
         return route.supersede and kind is RefKind.BRANCH
 
-    def _supersede(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str) -> None:
+    def _supersede(self, route: Route, req: pr.RunRequest, *, namespace: str, name: str, pushed: str, git_url: str) -> None:
         """After creating our run: cancel older unfinished runs of this branch, or ours if a newer push exists.
 
-        Listing *after* the create means two pushes processed at once still see each other.
+        "Newer" follows the push chain (`before` -> `after` of the stored deliveries), then git
+        ancestry when the chain is broken; when neither can tell, nothing is cancelled. Listing
+        *after* the create (and linking before it) means two pushes processed at once still see
+        each other. Another run's labels only find its stored delivery; its annotations are not read.
         """
         selector = f"{pr.SELECTOR},{pr.L_ROUTE}={route.name},{pr.L_REF_HASH}={pr.ref_hash(route.name, req.ref)}"
         items, _ = self.cluster.list_pipelineruns(namespace=namespace, selector=selector)
-        others = [o for o in items if (o.get("metadata") or {}).get("name") != name]
-        newest = max(others, key=lambda o: (o.get("metadata") or {}).get("annotations", {}).get(pr.A_RECEIVED, ""), default=None)
-        newest_received = ((newest or {}).get("metadata") or {}).get("annotations", {}).get(pr.A_RECEIVED, "")
-        if newest is not None and newest_received > req.received_at:
-            self._cancel(route, namespace=namespace, name=name, delivery_id=req.delivery_id,
-                         by=str(newest["metadata"]["labels"].get(pr.L_SHA, ""))[:8])
+        ours = next((o for o in items if (o.get("metadata") or {}).get("name") == name), None)
+        others = self._comparable(route, req, [o for o in items if (o.get("metadata") or {}).get("name") != name])
+        if not others:
             return
-        for other in others:
-            meta = other.get("metadata") or {}
-            if is_final(run_state(other)) or (other.get("spec") or {}).get("status"):
-                continue  # finished, or already being cancelled
-            self._cancel(route, namespace=namespace, name=meta["name"], delivery_id=str(meta["labels"].get(pr.L_DELIVERY, "")),
-                         by=req.sha[:8])
+        verdicts = self.store.push_order(host=route.host, repo_id=req.repo_id, ref=req.ref, ours=pushed,
+                                         others=[o.pushed for o in others], max_steps=CHAIN_STEPS)
+        how = ["the push chain" if v else "" for v in verdicts]
+        for i, other in enumerate(others):
+            if verdicts[i] == 0 and other.sha != req.sha and (other.active or not other.rerun):
+                verdicts[i], how[i] = self._by_ancestry(req, other, git_url=git_url)
+        newer = next((o for o, v in zip(others, verdicts) if v < 0 and not o.rerun), None)
+        if newer is not None:
+            if ours is None or _active(ours):
+                self._cancel(route, namespace=namespace, name=name, delivery_id=req.delivery_id, by=newer.sha[:8],
+                             why=f"{how[others.index(newer)]} puts push {newer.sha[:8]} after {req.sha[:8]}")
+            return
+        for other, verdict, said in zip(others, verdicts, how):
+            if not other.active:
+                continue
+            if verdict > 0:
+                self._cancel(route, namespace=namespace, name=other.name, delivery_id=other.delivery_id, by=req.sha[:8],
+                             why=f"{said} puts push {req.sha[:8]} after {other.sha[:8]}")
+            elif verdict == 0 and other.sha != req.sha:
+                detail = (f"not superseding PipelineRun {namespace}/{other.name} ({other.sha[:8]}): neither the push chain "
+                          f"nor git ancestry tells whether it is older than {req.sha[:8]} ({said or 'no answer'}); "
+                          "nothing is cancelled on a guess")
+                self._log(req.delivery_id, "supersede_undecided", detail)
+                log.warning("supersede_undecided", delivery_id=req.delivery_id, run=f"{namespace}/{other.name}",
+                            sha=req.sha, other_sha=other.sha)
 
-    def _cancel(self, route: Route, *, namespace: str, name: str, delivery_id: str, by: str) -> None:
+    def _comparable(self, route: Route, req: pr.RunRequest, items: list[Mapping[str, Any]]) -> list[_OtherRun]:
+        """Other runs of this branch to order against ours, each with what its stored delivery says.
+
+        Every unfinished run, and the most recently created finished ones (a late old push is
+        then cancelled at once, at a bounded cost on branches with thousands of runs). A run whose
+        delivery label names no stored delivery of this branch and route is left alone.
+        """
+        active = [o for o in items if _active(o)]
+        finished = sorted((o for o in items if not _active(o)),
+                          key=lambda o: (o.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+        chosen = active + finished[:FINISHED_COMPARED]
+        ids = [str(((o.get("metadata") or {}).get("labels") or {}).get(pr.L_DELIVERY, "")) for o in chosen]
+        records = self.store.records([i for i in ids if i])
+        by_id = dict(zip([i for i in ids if i], records, strict=True))
+        out = []
+        for obj, delivery_id in zip(chosen, ids, strict=True):
+            record = by_id.get(delivery_id) if delivery_id else None
+            push = (record or {}).get("push") or {}
+            if (record is None or record.get("decision") != "accepted" or route.name not in (record.get("routes") or ())
+                    or (record.get("host"), str(push.get("repo_id")), push.get("ref")) != (req.host, req.repo_id, req.ref)
+                    or not push.get("sha")):
+                continue
+            out.append(_OtherRun(name=str(obj["metadata"]["name"]), delivery_id=delivery_id, sha=str(push["sha"]),
+                                 pushed=str(push.get("pushed") or push["sha"]), rerun=bool(record.get("rerun_of")),
+                                 active=_active(obj)))
+        return out
+
+    def _by_ancestry(self, req: pr.RunRequest, other: _OtherRun, *, git_url: str) -> tuple[int, str]:
+        """The push chain is broken between the two: 1 ours descends from the other's commit, -1 the reverse, 0 unknown."""
+        auth = self.git_auth(req.host)
+        try:
+            if self.resolver.is_ancestor(clone_url=git_url, ancestor=other.sha, descendant=req.sha, auth=auth):
+                return 1, "git ancestry (the push chain is broken)"
+            if self.resolver.is_ancestor(clone_url=git_url, ancestor=req.sha, descendant=other.sha, auth=auth):
+                return -1, "git ancestry (the push chain is broken)"
+        except Permanent as exc:
+            return 0, f"the push chain is broken and git cannot tell: {exc}"
+        return 0, "the push chain is broken and neither commit descends from the other"
+
+    def _cancel(self, route: Route, *, namespace: str, name: str, delivery_id: str, by: str, why: str = "") -> None:
         self.cluster.patch_pipelinerun(namespace=namespace, name=name, patch={
             "spec": {"status": route.cancel_status}, "metadata": {"annotations": {pr.A_SUPERSEDED_BY: by}}})
-        self._log(delivery_id, "superseded", f"PipelineRun {namespace}/{name} cancelled ({route.cancel_status}): superseded by {by}")
+        self._log(delivery_id, "superseded", f"PipelineRun {namespace}/{name} cancelled ({route.cancel_status}): superseded by {by}"
+                  + (f" ({why})" if why else ""))
 
     def _dry_run(self, route: Route, req: pr.RunRequest, body: dict[str, Any]) -> str:
         """No cluster (`cibroker dev` on a laptop): record what would be created and deployed, create and post nothing."""

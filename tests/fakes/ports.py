@@ -119,19 +119,52 @@ class FakeGitHost:
 
 @dataclass
 class FakeResolver:
+    """A remote repository in dicts: branch heads, tags, and which commit descends from which.
+
+    `push(branch, sha, before)` is what a developer's `git push` does to the remote before the
+    webhook is sent: the branch moves to `sha`, and `before` becomes its parent. Ancestry is
+    transitive, as in git. `calls` records every verb asked.
+    """
+
     tags: dict[str, str] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     ancestry: set[tuple[str, str]] = field(default_factory=set)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def push(self, branch: str, sha: str, *, before: str = "0" * 40) -> None:
+        if before.strip("0"):
+            self.ancestry.add((before, sha))
+        self.branches[branch] = sha
 
     def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
+        self.calls.append(("resolve_branch", branch))
         if branch not in self.branches:
             raise Permanent(f"branch {branch} not found on {clone_url}")
         return self.branches[branch]
 
     def resolve_tag(self, *, clone_url: str, tag: str, auth: tuple[str, str] | None) -> str:
+        self.calls.append(("resolve_tag", tag))
         if tag not in self.tags:
             raise Permanent(f"tag {tag} not found on {clone_url}")
         return self.tags[tag]
 
+    def branch_contains(self, *, clone_url: str, branch: str, sha: str, auth: tuple[str, str] | None) -> str:
+        self.calls.append(("branch_contains", f"{branch}@{sha}"))
+        head = self.resolve_branch(clone_url=clone_url, branch=branch, auth=auth)
+        if head == sha or self._reachable(sha, head):
+            return head
+        raise Permanent(f"commit {sha[:12]} is not on branch {branch} of {clone_url}: the branch is at {head[:12]}")
+
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
-        return (ancestor, descendant) in self.ancestry
+        self.calls.append(("is_ancestor", f"{ancestor}..{descendant}"))
+        return self._reachable(ancestor, descendant)
+
+    def _reachable(self, ancestor: str, descendant: str) -> bool:
+        seen, frontier = set(), {descendant}
+        while frontier:
+            parents = {a for (a, d) in self.ancestry if d in frontier} - seen
+            if ancestor in parents:
+                return True
+            seen |= parents
+            frontier = parents
+        return False
