@@ -296,7 +296,7 @@ class GitWorld:
         self.kube, self.gitlab = kube_api, gitlab
         routing = (FIXTURES / "routing" / "example.yaml").read_text().replace(
             "https://gitlab.example.com/acme/shop-api.git", clone_url or self.origin.url).replace(
-            "https://gitlab.example.com/api/v4", gitlab.api_url)
+            "https://gitlab.example.com/api/v4", f"{gitlab.api_url}\n    web_url: https://gitlab.example.com")  # pages: issue 11
         self.settings = make_settings(tmp_path, routing=routing,
                                       environ={"CIBROKER_REDIS_URL": redis_url, "GITLAB_API_TOKEN": GITLAB_TOKEN})
         self.store = SyncStore(redis_url, timeout=2)
