@@ -15,6 +15,7 @@ from broker.store import SyncStore
 from broker.web import create_app
 from config.settings import Settings
 from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
+from tests.fakes.tekton import digest_of
 from tests.support import FIXTURES, make_settings, payload
 from workers.orchestration import Orchestrator, RunRef
 
@@ -44,7 +45,7 @@ class World:
         self.deploys: list[str] = []
         self.orch = Orchestrator(settings=settings, store=SyncStore(redis_url, timeout=2), cluster=self.cluster,
                                  git_hosts={"gitlab": self.host}, resolver=self.resolver,
-                                 on_success=lambda obj: self.deploys.append(obj["metadata"]["name"]))
+                                 on_success=lambda ref: self.deploys.append(ref.name))
         self.client = TestClient(create_app(settings))
         self.client.__enter__()
         self.cluster.deployments[("staging", "shop-api")] = {
@@ -153,7 +154,7 @@ def test_statuses_follow_the_run_and_never_go_backwards(world: World) -> None:
 
 def test_a_retried_report_by_the_same_task_is_allowed_but_another_task_is_not(world: World) -> None:
     world.orch.start(world.push("a"), token="t1")
-    ref = RunRef.of(world.only_run())
+    ref = world.orch.trusted(world.only_run())
     assert world.orch.report(ref, CommitState.RUNNING, "x", token="w1") is True
     assert world.orch.report(ref, CommitState.RUNNING, "x", token="w1") is True  # its own retry
     assert world.orch.report(ref, CommitState.RUNNING, "x", token="w2") is False
@@ -216,34 +217,43 @@ def test_tags_never_supersede(world: World) -> None:
     assert all("status" not in r["spec"] for r in world.cluster.runs.values())
 
 
-def succeed(world: World) -> RunRef:
+def succeed(world: World) -> tuple[RunRef, dict[str, Any]]:
     world.orch.start(world.push("a"), token="t1")
     name = world.only_run()["metadata"]["name"]
     world.orch.observe(world.cluster.set_condition("ci", name, "True", "Succeeded"), token="w")
-    return RunRef.of(world.cluster.runs[("ci", name)])
+    obj = world.cluster.runs[("ci", name)]
+    return world.orch.trusted(obj), obj
+
+
+DIGEST_IMAGE = f"registry.example.com/acme/shop-api@{digest_of(f'registry.example.com/acme/shop-api:{SHA1}')}"
 
 
 def test_deploy_patches_only_the_named_container_and_reports_success_when_rolled_out(world: World) -> None:
-    ref = succeed(world)
-    assert world.orch.deploy(ref, "staging", token="d1") == "shop-api"
+    """By digest (the default): the route's repository @ the digest the run reported; the status names tag and digest."""
+    ref, obj = succeed(world)
+    assert world.orch.deploy(ref, "staging", token="d1", obj=obj) == "shop-api"
     dep = world.cluster.deployments[("staging", "shop-api")]
     containers = {c["name"]: c["image"] for c in dep["spec"]["template"]["spec"]["containers"]}
-    assert containers == {"api": f"registry.example.com/acme/shop-api:{SHA1}", "sidecar": "envoy:1"}
+    assert containers == {"api": DIGEST_IMAGE, "sidecar": "envoy:1"}
     assert dep["metadata"]["annotations"]["kubernetes.io/change-cause"].startswith("cibroker: acme/shop-api@11111111")
-    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is False  # generation not observed yet
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1", obj=obj) is False  # generation not observed yet
     dep["status"].update(observedGeneration=dep["metadata"]["generation"])
-    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is True
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1", obj=obj) is True
     assert world.host.states("deploy/staging") == ["running", "success"]
+    digest = DIGEST_IMAGE.split("@")[1]
+    assert all(f"tag {SHA1}" in s.description and digest in s.description for s in world.host.statuses if s.name == "deploy/staging")
+    started = [e for e in world.orch.store.get(ref.delivery_id)["log"] if e["step"] == "deploy_started"][-1]
+    assert started["digest"] == digest and started["tag"].endswith(f":{SHA1}")
 
 
 def test_failed_rollout_rolls_back_and_says_so(world: World) -> None:
-    ref = succeed(world)
-    world.orch.deploy(ref, "staging", token="d1")
+    ref, obj = succeed(world)
+    world.orch.deploy(ref, "staging", token="d1", obj=obj)
     dep = world.cluster.deployments[("staging", "shop-api")]
     dep["status"].update(observedGeneration=dep["metadata"]["generation"], conditions=[
         {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
          "message": 'ReplicaSet "shop-api-5d" has timed out progressing.'}])
-    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is True
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1", obj=obj) is True
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
     final = world.host.statuses[-1]
     assert final.name == "deploy/staging" and final.state is CommitState.FAILED
@@ -252,11 +262,11 @@ def test_failed_rollout_rolls_back_and_says_so(world: World) -> None:
 
 def test_an_older_commit_never_overwrites_a_newer_deploy(world: World) -> None:
     """Git ancestry, not arrival order: a commit that is an ancestor of the deployed one is refused."""
-    ref = succeed(world)
+    ref, obj = succeed(world)
     dep = world.cluster.deployments[("staging", "shop-api")]
     dep["metadata"]["annotations"]["cibroker.dev/deployed-sha"] = SHA2
     world.resolver.ancestry.add((SHA1, SHA2))
-    assert world.orch.deploy(ref, "staging", token="d1") is None
+    assert world.orch.deploy(ref, "staging", token="d1", obj=obj) is None
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
     assert world.host.statuses[-1].state is CommitState.CANCELED
     assert "older than 22222222" in world.host.statuses[-1].description

@@ -95,8 +95,13 @@ class FakeCluster:
 
     # test-side helpers -------------------------------------------------------------
     def set_condition(self, namespace: str, name: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
+        """Move a run as Tekton would; on success it reports the shipped Pipelines' results (commit, image-digest)."""
+        from tests.fakes.tekton import results_of
+
         obj = self.runs[(namespace, name)]
         obj.setdefault("status", {})["conditions"] = [{"type": "Succeeded", "status": status, "reason": reason, "message": message}]
+        if status == "True":
+            obj["status"]["results" if obj.get("apiVersion", "").endswith("/v1") else "pipelineResults"] = results_of(obj)
         return copy.deepcopy(obj)
 
 
@@ -122,6 +127,8 @@ class FakeResolver:
     tags: dict[str, str] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     ancestry: set[tuple[str, str]] = field(default_factory=set)
+    ancestry_error: Exception | None = None  # raised by is_ancestor (git cannot tell), when set
+    asked: list[tuple[str, tuple[str, str] | None]] = field(default_factory=list)  # (clone URL, auth) of every call
 
     def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
         if branch not in self.branches:
@@ -134,4 +141,7 @@ class FakeResolver:
         return self.tags[tag]
 
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
+        self.asked.append((clone_url, auth))
+        if self.ancestry_error is not None:
+            raise self.ancestry_error
         return (ancestor, descendant) in self.ancestry
