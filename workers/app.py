@@ -21,6 +21,7 @@ from broker.embedded import kombu_url
 from broker.logging import get_logger
 from broker.errors import StoreUnavailable
 from broker.ports import Cluster, GitHost
+from broker.pipelinerun import A_REPORTED
 from broker.provenance import RunVerifier
 from broker.store import SyncStore
 from config.settings import Settings
@@ -97,7 +98,10 @@ def submitter(app: Celery) -> Callable[[Mapping[str, Any]], None]:
     def submit(obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         try:
-            app.send_task(tasks.REPORT_TASK, args=[meta.get("namespace"), meta.get("name")], queue=app.conf.task_default_queue)
+            # The third argument is the `reported` annotation the watcher saw: a hint, see Orchestrator.observe.
+            hint = (meta.get("annotations") or {}).get(A_REPORTED) or ""
+            app.send_task(tasks.REPORT_TASK, args=[meta.get("namespace"), meta.get("name"), hint],
+                          queue=app.conf.task_default_queue)
         except (OperationalError, OSError) as exc:  # the queue (Redis) is away: the watcher backs off and replays
             raise StoreUnavailable(f"cannot queue a status report: {type(exc).__name__}: {exc}") from exc
 

@@ -327,14 +327,19 @@ class Orchestrator:
         log.info("status_posted", run=ref.key, status=status_name, state=state.value, answer=answer.value)
         return True
 
-    def observe(self, obj: Mapping[str, Any], *, token: str) -> CommitState | None:
+    def observe(self, obj: Mapping[str, Any], *, token: str, reported: CommitState | None | str = "annotation") -> CommitState | None:
         """Report what a PipelineRun shows now (`obj` as just read from the API); returns the state reported.
 
-        Untrusted when the run is not cibroker's: nothing is posted, patched or deployed for it.
+        `reported` is what the watcher saw in the run's `reported` annotation when it submitted the
+        report (a hint that only skips work; the ordered claims in Redis decide). It is not re-read
+        from the run: another task may have moved the annotation before this task's own post
+        landed, and a retry must still post. Untrusted when the run is not cibroker's: nothing is
+        posted, patched or deployed for it.
         """
         ref = self.trusted(obj)
         state = run_state(obj)
-        if not should_report(ref.reported, state):
+        last = ref.reported if reported == "annotation" else reported
+        if not should_report(last if isinstance(last, CommitState) else None, state):
             return None
         route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
         pipeline = route.pipeline if route else ref.route

@@ -35,7 +35,7 @@ from broker.errors import CibrokerError, Permanent, Transient, Untrusted
 from broker.logging import get_logger
 from broker.ports import CommitState
 from broker.provenance import RunFacts
-from broker.reporting import run_state
+from broker.reporting import parse_state, run_state
 from broker.trust import verify_request
 from workers.orchestration import Orchestrator, deploy_scope
 
@@ -193,8 +193,9 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
             obj, ref = found
             facts.append(ref)
             with bound(delivery_id=ref.delivery_id):
+                hint = parse_state(args[2]) if len(args) > 2 and isinstance(args[2], str) else None
                 try:
-                    state = orch.observe(obj, token=self.request.id)
+                    state = orch.observe(obj, token=self.request.id, reported=hint)
                 except Permanent as exc:
                     log.warning("report_failed", error=str(exc))
                     return None
