@@ -329,3 +329,48 @@ def test_worker_and_watcher_refuse_to_start_without_the_signing_key(tmp_path: Pa
     done = subprocess.run([str(Path(__file__).parents[1] / ".venv" / "bin" / "cibroker"), role, "--config", str(stack.config)],
                           env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "CIBROKER_SIGNING_KEY" in done.stderr, done.stderr
+
+
+# ---- the verifier on its own (no processes): garbage in, a verdict out, one Redis read per run ----------------------
+
+
+class CountingLookup:
+    def __init__(self, store: SyncStore) -> None:
+        self.store, self.calls = store, 0
+
+    def __call__(self, delivery_id: str, namespace: str, name: str) -> Any:
+        self.calls += 1
+        return self.store.delivery_run(delivery_id, namespace, name)
+
+
+@pytest.mark.parametrize("garbage", [
+    {}, {"metadata": None}, {"metadata": {"labels": "x", "annotations": 7}},
+    {"metadata": {"name": "r", "namespace": "ci", "labels": {pr.L_DELIVERY: ["a"]}, "annotations": {A_SIGNATURE: 12}}},
+    {"metadata": {"name": "r", "namespace": "ci", "labels": {pr.L_DELIVERY: "a" * 500}}},
+    {"metadata": {"name": "r", "namespace": "ci", "labels": {pr.L_DELIVERY: "../../x"}}},
+])
+def test_garbage_runs_get_a_verdict_not_an_exception(tmp_path: Path, redis_url: str, garbage: dict[str, Any]) -> None:
+    from broker.provenance import REASONS, RunVerifier
+
+    settings = make_settings(tmp_path, environ={"CIBROKER_REDIS_URL": redis_url})
+    verifier = RunVerifier(key=KEY, routing=settings.routing, lookup=SyncStore(redis_url, timeout=2).delivery_run)
+    verdict = verifier.verify(garbage)
+    assert not verdict.trusted and verdict.reason in REASONS and verdict.detail
+
+
+def test_a_malformed_stored_record_makes_its_run_untrusted_not_a_crash(tmp_path: Path, redis_url: str) -> None:
+    """Redis holds a record the verifier cannot read (no push): `malformed_record`, and one Redis read per run."""
+    from broker.provenance import RunVerifier
+
+    store = SyncStore(redis_url, timeout=2)
+    settings = make_settings(tmp_path, environ={"CIBROKER_REDIS_URL": redis_url})
+    delivery_id = new_delivery_id()
+    store.add_delivery(record={"delivery_id": delivery_id, "host": "gitlab"}, log=[{"step": "x"}], queue="unused", message="{}",
+                       ttl=60)
+    store.own_run(delivery_id, namespace="ci", name="r", route="shop-api", sha="1" * 40, attempt=1)
+    lookup = CountingLookup(store)
+    verifier = RunVerifier(key=KEY, routing=settings.routing, lookup=lookup)
+    run = {"metadata": {"name": "r", "namespace": "ci", "labels": {pr.L_DELIVERY: delivery_id}, "annotations": {A_SIGNATURE: "v1:x"}}}
+    for _ in range(5):
+        assert verifier.verify(run).reason == "malformed_record"
+    assert lookup.calls == 1
