@@ -116,6 +116,16 @@ def killer(stack: Stack, stop: threading.Event, every: float, kills: list[float]
         kills.append(time.time())
 
 
+def real_chain(path: Path, n: int) -> list[str]:
+    """A repository whose main is a line of n empty commits; their ids, oldest first."""
+    git = ["git", "-c", "user.name=soak", "-c", "user.email=soak@example.com", "-C", str(path)]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    for k in range(n):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", f"c{k}"], check=True)
+    out = subprocess.run([*git, "rev-list", "--reverse", "main"], check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deliveries", type=int, default=10_000)
@@ -136,8 +146,10 @@ def main(argv: list[str]) -> int:
     kube = FakeKubeAPI(bookmark_interval=1.0).start()
     gitlab = FakeGitLab(projects={42: "acme/shop-api"})
     gitlab.start()
-    origin = tmp / "origin.git"  # a reachable remote: deploys check ancestry against it (unknown commits: no veto)
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    # A reachable remote whose main holds a real commit per push to main, in push order: the deploys (main only)
+    # check ancestry against it, and that check fails closed (issue 10) when git cannot tell.
+    origin = tmp / "origin"
+    main_commits = real_chain(origin, args.deliveries // 50 + 2)
     # Visibility timeout above the retry countdowns that occur here: kombu redelivers an ETA task held
     # longer than it (each sweep), which multiplies copies of long-countdown retries.
     # The watcher's resync at its production default (60 s; the test stack uses 5 s): each resync
@@ -169,7 +181,7 @@ def main(argv: list[str]) -> int:
                 sender.pool.submit(sender.send, key, bodies[key], expect_duplicate=True)
                 continue
             branch = "main" if i % 50 == 0 else f"b/{rng.randrange(args.branches)}"
-            sha = sha_of(0x5000000 + i)
+            sha = main_commits.pop(0) if branch == "main" else sha_of(0x5000000 + i)
             key = f"soak-{i}"
             body = push_body(sha=sha, ref=f"refs/heads/{branch}", before=heads.get(branch, "0" * 40))
             heads[branch] = sha
