@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker.errors import Permanent, Transient
-from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
+from broker.operations import Actor, BadField, NoCluster, NotConfigured, NotFound, Operations, Refused
 
 DELIVERY_ID = re.compile(r"^[0-9a-f]{26}$")
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -80,8 +80,10 @@ async def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Response
         return json_answer(404, {"error": str(exc)})
     except Refused as exc:
         return json_answer(409, {"error": str(exc)})
-    except NoCluster as exc:
+    except (NoCluster, NotConfigured) as exc:
         return json_answer(503, {"error": str(exc)})
+    except BadField as exc:
+        return json_answer(400, {"error": str(exc), "field": exc.field})
     except Permanent as exc:
         return json_answer(400, {"error": str(exc)})
     except Transient as exc:
@@ -127,8 +129,8 @@ def _flag(body: dict[str, Any], key: str) -> bool:
 
 
 def _rerun_options(body: dict[str, Any]) -> dict[str, Any]:
-    """reason, deploy_only, dry_run and route of a re-run request; Permanent when one is malformed."""
-    return {"reason": _text(body, "reason") or "", "deploy_only": _flag(body, "deploy_only"),
+    """reason, deploy_only, force, dry_run and route of a re-run request; Permanent when one is malformed."""
+    return {"reason": _text(body, "reason") or "", "deploy_only": _flag(body, "deploy_only"), "force": _flag(body, "force"),
             "dry_run": _flag(body, "dry_run"), "route": _text(body, "route", limit=63)}
 
 
@@ -214,6 +216,7 @@ def api_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route]:
             options.update(_rerun_options(body))
         except Permanent as exc:
             return json_answer(400, {"error": str(exc)})
+        # repo, ref, sha and run go through the webhook edge's own validators in the service (400 naming the field).
         if options["delivery_id"] is not None and not DELIVERY_ID.match(options["delivery_id"]):
             return json_answer(404, {"error": "no such delivery (ids are 26 lower-case hex characters)"})
         return await call(ops().rerun, actor=actor, **options)
@@ -271,10 +274,18 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 AUTH_ANSWERS = {"401": "no bearer token", "403": "wrong token"}
-RUN_ANSWERS = {**AUTH_ANSWERS, "404": "no such run", "503": "no cluster configured, or Kubernetes/Redis unavailable"}
+RUN_ANSWERS = {**AUTH_ANSWERS, "404": "no such run",
+               "503": "no cluster configured, no signing key configured, or Kubernetes/Redis unavailable"}
 RERUN_BODY = {"type": "object", "additionalProperties": False, "properties": {
-    "reason": {"type": "string", "maxLength": 500}, "deploy_only": {"type": "boolean"}, "dry_run": {"type": "boolean"},
-    "route": {"type": "string", "maxLength": 63}}}
+    "reason": {"type": "string", "maxLength": 500,
+               "description": "why; kept in the audit and decision logs (required with force)"},
+    "deploy_only": {"type": "boolean", "description": "only the deploy stage of a succeeded run (a signed request per "
+                                                      "environment, queued for a worker)"},
+    "force": {"type": "boolean", "description": "with deploy_only: skip the ancestry guard (deploy even a commit older "
+                                                "than the one running); audited with the actor's name"},
+    "dry_run": {"type": "boolean"},
+    "route": {"type": "string", "maxLength": 63, "description": "only this route; refused (409) unless its host, repo glob "
+                                                                "and branch/tag filters take the commit"}}}
 
 
 def openapi(version: str) -> dict[str, Any]:
@@ -310,19 +321,26 @@ def openapi(version: str) -> dict[str, Any]:
                                                         params=run_params, answers={"200": "the run", **RUN_ANSWERS})},
             "/api/runs/{namespace}/{name}/rerun": {"post": _op(
                 "Re-run a run's commit and route (a new PipelineRun), or only its deploy stage", params=run_params, body=RERUN_BODY,
-                answers={"200": "what was queued (or, with dry_run, would be)", "400": "bad body", "409": "nothing to re-run",
+                answers={"200": "what was queued (or, with dry_run, would be)", "400": "bad body (`field` names it)",
+                         "409": "nothing to re-run, an unreadable run, or a route that does not take the commit",
                          **RUN_ANSWERS})},
             "/api/runs/{namespace}/{name}/cancel": {"post": _op(
-                "Cancel a run in progress", params=run_params,
+                "Request the cancel of a run in progress: a signed request, queued for a worker, which sets the run's "
+                "spec.status; the watcher then reports it canceled", params=run_params,
                 body={"type": "object", "properties": {"reason": {"type": "string", "maxLength": 500}}},
-                answers={"200": "cancelled", "409": "the run already ended", **RUN_ANSWERS})},
+                answers={"200": "cancel requested and queued (`requested`, `request_id`); not yet stopped",
+                         "409": "the run already ended", **RUN_ANSWERS})},
             "/api/rerun": {"post": _op(
                 "Re-run by delivery, by commit (repo + sha) or by the head of a ref (repo + ref)",
                 body={"type": "object", "properties": {
                     **RERUN_BODY["properties"], "delivery_id": {"type": "string"}, "run": {"type": "string"},
-                    "repo": {"type": "string"}, "sha": {"type": "string"}, "ref": {"type": "string"}}},
-                answers={"200": "what was queued", "400": "bad or incomplete body", "404": "nothing found to re-run",
-                         "409": "nothing to re-run", **RUN_ANSWERS})},
+                    "repo": {"type": "string", "description": "owner/name, as the webhook edge validates it"},
+                    "sha": {"type": "string", "description": "a 40 (or 64) hex commit id"},
+                    "ref": {"type": "string", "description": "a branch name, refs/heads/NAME or refs/tags/NAME"}}},
+                answers={"200": "what was queued", "400": "bad or incomplete body (`field` names a bad repo, ref, sha or run)",
+                         "404": "nothing found to re-run",
+                         "409": "nothing to re-run, an unreadable run, or a route that does not take the commit",
+                         **RUN_ANSWERS})},
             "/api/audit": {"get": _op("Who did what, when and why", params=[_query("limit", {"type": "integer"})],
                                       answers={"200": "audit entries, newest first", **AUTH_ANSWERS})},
             "/healthz": {"get": _op("The process is up", auth=False, answers={"200": "ok"})},

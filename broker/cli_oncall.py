@@ -87,7 +87,8 @@ class Backend:
         from workers.wiring import default_operations
 
         settings = settings_for(config)
-        configure(fmt=settings.env.log_format, level="warning")
+        # "error": a refused action is already the one line `errors()` prints; its warning log line is for servers.
+        configure(fmt=settings.env.log_format, level="error")
         settings, _ = with_store(settings)
         self.service = default_operations(settings)
 
@@ -174,9 +175,13 @@ def register(app: typer.Typer, *, settings_for: Callable[[Path | None], Any], wi
             typer.echo(json.dumps(found, indent=2))
             return
         now = time.time()
-        rows = [[r["run"], r["state"], r["route"], r["repo"], r["ref_name"], r["sha"][:8], str(r["attempt"]),
-                 age(r["created"], now=now), seconds(r["duration_seconds"])] for r in found]
+        rows = [[r["run"], "unreadable" if r["unreadable"] else r["state"], r["route"] or "-", r["repo"] or "-",
+                 r["ref_name"] or "-", r["sha"][:8] or "-", str(r["attempt"]), age(r["created"], now=now),
+                 seconds(r["duration_seconds"])] for r in found]
         table(["RUN", "STATE", "ROUTE", "REPO", "REF", "SHA", "#", "AGE", "DURATION"], rows, state_column="STATE")
+        for r in found:  # on stderr, so the table stays one row per run for grep and awk
+            if r["unreadable"]:
+                typer.echo(f"cibroker: {r['run']} is unreadable ({r['state']} in Tekton): {r['unreadable']}", err=True)
 
     @runs_app.command("show")
     def runs_show(
@@ -202,6 +207,8 @@ def register(app: typer.Typer, *, settings_for: Callable[[Path | None], Any], wi
         ref: Annotated[str | None, typer.Option(help="Build the current head of this branch (or tag), read with git ls-remote.")] = None,
         route: Annotated[str | None, typer.Option(help="Only this route.")] = None,
         deploy_only: Annotated[bool, typer.Option("--deploy-only", help="Only the deploy stage of an already built commit.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="With --deploy-only: skip the ancestry guard (deploy even a commit "
+                                                            "older than the one running, e.g. a rollback); needs --reason.")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be created; change nothing.")] = False,
         follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream progress until the end.")] = False,
         reason: Annotated[str, typer.Option(help="Why (kept in the audit log and the decision log).")] = "",
@@ -212,10 +219,13 @@ def register(app: typer.Typer, *, settings_for: Callable[[Path | None], Any], wi
         if sum(x is not None for x in (delivery, run, repo)) != 1 or (repo is not None and (sha is None) == (ref is None)):
             typer.echo("cibroker: give one of --delivery ID, --run RUN, --repo R --sha SHA, --repo R --ref REF", err=True)
             raise typer.Exit(2)
+        if force and not deploy_only:
+            typer.echo("cibroker: --force goes with --deploy-only only (it skips the deploy's ancestry guard)", err=True)
+            raise typer.Exit(2)
         b = backend(config, server, token)
         with errors():
             plan = b.service.rerun(actor=b.actor, reason=reason, delivery_id=delivery, run=run, repo=repo, sha=sha, ref=ref,
-                                   route=route, deploy_only=deploy_only, dry_run=dry_run)
+                                   route=route, deploy_only=deploy_only, force=force, dry_run=dry_run)
         if as_json and not follow:
             typer.echo(json.dumps(plan, indent=2))
             return
@@ -228,16 +238,29 @@ def register(app: typer.Typer, *, settings_for: Callable[[Path | None], Any], wi
     def cancel(
         run: Annotated[str, typer.Argument(help="namespace/name, or a name.")],
         reason: Annotated[str, typer.Option(help="Why (shown on the commit status and kept in the audit log).")] = "",
+        wait: Annotated[bool, typer.Option("--wait", help="Wait until the run has stopped (exit 0 when canceled).")] = False,
+        timeout: Annotated[int, typer.Option(help="Seconds --wait waits before giving up.")] = 600,
         config: ConfigOption = None, server: ServerOption = None, token: TokenOption = None, as_json: JsonOption = False,
     ) -> None:
-        """Cancel a run in progress; its commit status becomes `canceled` with who and why."""
+        """Request the cancel of a run in progress; a worker stops it, and its commit status becomes `canceled` with who and why."""
         b = backend(config, server, token)
         with errors():
             done = b.service.cancel(run, actor=b.actor, reason=reason)
-        if as_json:
+        if as_json and not wait:
             typer.echo(json.dumps(done, indent=2))
             return
-        typer.echo(f"cancelled {done['run']} (spec.status {done['spec_status']}); the watcher reports it as canceled")
+        if not as_json:
+            typer.echo(f"cancel of {done['run']} requested (request {done['request_id']}): queued for a worker, which sets "
+                       f"spec.status {done['spec_status']}; the watcher then reports it as canceled")
+        if wait:
+            with errors():
+                state = wait_for_end(b.service, done["run"], timeout=timeout)
+            if as_json:
+                typer.echo(json.dumps({**done, "final_state": state}, indent=2))
+            else:
+                typer.echo(f"{done['run']}: {state}" if state != "timeout" else
+                           f"cibroker: gave up waiting after {timeout} s; the cancel is still queued (cibroker runs show {done['run']})")
+            raise typer.Exit(0 if state == "canceled" else 1)
 
     @app.command()
     def audit(
@@ -300,6 +323,17 @@ def _print(line: str) -> None:
         typer.echo(line)
 
 
+def wait_for_end(service: Any, run: str, *, timeout: int, poll: float = 1.0) -> str:
+    """Poll a run until Tekton says it ended; its final state, or "timeout"."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = service.run(run)["state"]
+        if state in FINAL:
+            return state
+        time.sleep(poll)
+    return "timeout"
+
+
 def print_delivery(found: dict[str, Any]) -> None:
     push = found.get("push") or {}
     _print(f"delivery {found['delivery_id']}  {_state(found['decision'])}  state={found['state']}")
@@ -320,13 +354,16 @@ def print_delivery(found: dict[str, Any]) -> None:
     if runs:
         _print("  runs:")
         for r in runs:
-            _print(f"    {r['run']}  {_state(r['state'])}  {r['reason']}  (cibroker runs show {r['run']})")
+            unreadable = f"  unreadable: {r['unreadable']}" if r.get("unreadable") else ""
+            _print(f"    {r['run']}  {_state(r['state'])}  {r['reason']}{unreadable}  (cibroker runs show {r['run']})")
     elif runs is None and found["decision"] == "accepted":
         _print("  runs: not shown (no cluster configured here)")
 
 
 def print_run(r: dict[str, Any]) -> None:
     _print(f"run {r['run']}  {_state(r['state'])}  {r['reason']}")
+    if r.get("unreadable"):
+        _print(f"  unreadable: {r['unreadable']} (what its labels say below is not trusted; nothing is re-run or deployed from it)")
     _print(f"  {r['repo']}  {r['ref']}  sha {r['sha']}  attempt {r['attempt']}  route {r['route']}")
     _print(f"  image {r['image']}   delivery {r['delivery_id']} (cibroker deliveries show {r['delivery_id']})")
     _print(f"  started {r['started'] or '-'}  finished {r['finished'] or '-'}  duration {seconds(r['duration_seconds'])}")
@@ -352,8 +389,11 @@ def print_run(r: dict[str, Any]) -> None:
 def print_plan(plan: dict[str, Any]) -> None:
     verb = "would queue" if plan["dry_run"] else "queued"
     if plan["action"] == "redeploy":
+        forced = " (forced: no ancestry check)" if plan.get("force") else " (the ancestry guard applies; --force skips it)"
         _print(f"{verb} {plan['of']} to {', '.join(plan['environments'])}"
-               + (f" (re-deploy #{plan['attempt']})" if plan.get("attempt") else ""))
+               + (f" (re-deploy #{plan['attempt']})" if plan.get("attempt") else "") + forced)
+        for request_id in plan.get("requests") or []:
+            _print(f"  signed request {request_id}")
         return
     _print(f"{verb} a re-run of {plan['of']}: {plan['repo']} {plan['ref']} {plan['sha'][:12]}, attempt {plan['attempt']}")
     if plan.get("delivery_id"):

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from broker.errors import Permanent, Transient
-from broker.operations import Actor, NoCluster, NotFound, Refused
+from broker.operations import Actor, NoCluster, NotConfigured, NotFound, Refused
 
 
 class ApiClient:
@@ -46,6 +46,8 @@ class ApiClient:
             raise Refused(message)
         if answer.status_code == 503 and "Kubernetes" in str(error):
             raise NoCluster(message)
+        if answer.status_code == 503 and "SIGNING_KEY" in str(error):
+            raise NotConfigured(message)
         if answer.status_code >= 500:
             raise Transient(message)
         raise Permanent(message)
@@ -69,9 +71,11 @@ class ApiClient:
 
     def rerun(self, *, actor: Actor, reason: str = "", delivery_id: str | None = None, run: str | None = None,
               repo: str | None = None, sha: str | None = None, ref: str | None = None, route: str | None = None,
-              deploy_only: bool = False, dry_run: bool = False) -> dict[str, Any]:
+              deploy_only: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
         body = {"reason": reason, "deploy_only": deploy_only, "dry_run": dry_run, "delivery_id": delivery_id, "run": run,
                 "repo": repo, "sha": sha, "ref": ref, "route": route}
+        if force:  # only sent when asked, so an older server (without the field) is never sent it by default
+            body["force"] = True
         return self._call("POST", "/api/rerun", json={k: v for k, v in body.items() if v is not None})
 
     def cancel(self, run: str, *, actor: Actor, reason: str = "") -> dict[str, Any]:

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from broker.api import ACTOR, DELIVERY_ID, NAME, STATES, ApiAuth
 from broker.errors import Permanent, StoreUnavailable, Transient
-from broker.operations import Actor, NoCluster, NotFound, Operations, Refused, epoch
+from broker.operations import Actor, NoCluster, NotConfigured, NotFound, Operations, Refused, epoch
 from broker.operations import span as shared_span
 
 FRAGMENT_HEADER = "x-dashboard-fragment"
@@ -44,8 +44,9 @@ FILTER_STATES = (*STATES, "ignored")
 STATUS_STEPS = ("status_posted", "status_failed", "status_skipped")
 DEPLOY_STEPS = ("redeploy_requested",)  # plus every deploy_* step
 NOTICES = {
-    "cancel": "Cancel requested. The watcher reports the run as canceled once Tekton has stopped it.",
-    "redeploy": "The deploy stage was queued again; its results appear under Deploys below.",
+    "cancel": "Cancel requested: queued for a worker, which stops the run in Tekton. The watcher reports the run as "
+              "canceled once it has stopped.",
+    "redeploy": "Deploy requested: queued for a worker; its results appear under Deploys below.",
 }
 
 _templates = jinja2.Environment(
@@ -103,6 +104,8 @@ def _problem(request: Request, exc: Exception) -> HTMLResponse:
         status, title = 404, "Not found"
     elif isinstance(exc, NoCluster):
         status, title = 503, "No cluster configured"
+    elif isinstance(exc, NotConfigured):
+        status, title = 503, "Not configured"
     elif isinstance(exc, Refused):
         status, title = 409, "Refused"
     elif isinstance(exc, Permanent):
@@ -153,12 +156,14 @@ def run_page(service: Operations, key: str) -> dict[str, Any]:
             log = service.delivery(run["delivery_id"])["log"]
         except NotFound as exc:
             delivery_gone = str(exc)
-    attempts = [r for r in service.runs(repo=run["repo"], limit=500) if r["sha"] == run["sha"] and r["route"] == run["route"]]
+    attempts = [] if run["unreadable"] else [  # an unreadable run's repo, commit and route are not known
+        r for r in service.runs(repo=run["repo"], limit=500)
+        if r["sha"] == run["sha"] and r["route"] == run["route"] and not r["unreadable"]]
     return {
         "run": run,
         "statuses": [e for e in log if e["step"] in STATUS_STEPS],
         "deploys": [e for e in log if e["step"].startswith("deploy_") or e["step"] in DEPLOY_STEPS],
-        "deploy_environments": orjson.loads(run["deploy"] or "[]"),
+        "deploy_environments": run["environments"],
         "attempts": attempts,
         "delivery_gone": delivery_gone,
         "final": run["state"] in ("success", "failed", "canceled"),
@@ -252,7 +257,7 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
         form = await read_form(request)
         if isinstance(form, str):
             return await again(request, status=400, error=form)
-        kept = {k: v[:500] for k, v in form.items() if k in ("reason", "who")}  # re-filled after an error; never the token
+        kept = {k: v[:500] for k, v in form.items() if k in ("reason", "who", "deploy_only", "force")}  # re-filled after an error; never the token
         name = auth.check(form.get("token") or None)
         if isinstance(name, Response):
             said = orjson.loads(name.body)["error"]
@@ -265,7 +270,7 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
             result = await run_in_threadpool(do, actor, form)
         except (Permanent, Transient) as exc:
             status = 409 if isinstance(exc, Refused) else 404 if isinstance(exc, NotFound) else 503 if isinstance(
-                exc, (NoCluster, Transient)) else 400
+                exc, (NoCluster, NotConfigured, Transient)) else 400
             return await again(request, status=status, error=str(exc), form=kept)
         return RedirectResponse(then(result), status_code=303)
 
@@ -282,8 +287,12 @@ def dashboard_routes(auth: ApiAuth, ops: Callable[[], Operations]) -> list[Route
         key = run_key(request)
         if key is None:
             return _problem(request, NotFound("no such run (names are DNS-1123 labels)"))
-        return await action(request, show_run, lambda actor, form: ops().rerun(
-            actor=actor, run=key, reason=_reason(form), deploy_only=form.get("deploy_only") == "on"), _after_rerun)
+        def do(actor: Actor, form: dict[str, str]) -> Any:
+            deploy_only = form.get("deploy_only") == "on"
+            return ops().rerun(actor=actor, run=key, reason=_reason(form), deploy_only=deploy_only,
+                               force=deploy_only and form.get("force") == "on")
+
+        return await action(request, show_run, do, _after_rerun)
 
     async def cancel_run(request: Request) -> Response:
         key = run_key(request)

@@ -19,7 +19,7 @@ from broker.operations import Operations
 from broker.web import create_app
 from config.settings import EnvSettings
 from tests.support import FIXTURES, make_settings
-from tests.test_operations import OpsWorld
+from tests.test_operations import SIGNING_KEY, OpsWorld
 
 TOKENS = "ops=s3cret-ops,bare-token-value"
 
@@ -27,7 +27,8 @@ TOKENS = "ops=s3cret-ops,bare-token-value"
 @pytest.fixture
 def world(tmp_path: Path, redis_url: str) -> OpsWorld:
     routing = (FIXTURES / "routing" / "example.yaml").read_text()
-    settings = make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url, "CIBROKER_API_TOKENS": TOKENS})
+    settings = make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url, "CIBROKER_API_TOKENS": TOKENS,
+                                                                 "CIBROKER_SIGNING_KEY": SIGNING_KEY})
     w = OpsWorld(settings, redis_url)
     w.api = TestClient(create_app(settings, operations=w.ops))
     w.api.__enter__()
@@ -61,10 +62,10 @@ def test_actions_need_a_token_and_record_who(world: OpsWorld) -> None:
     _, run = world.built()
     assert world.api.post(f"/api/runs/{run}/cancel", json={"reason": "x"}).status_code == 401
     assert world.api.post(f"/api/runs/{run}/cancel", json={"reason": "x"}, headers=auth("nope")).status_code == 403
-    namespace, name = run.split("/")
-    assert world.cluster.runs[(namespace, name)].get("spec", {}).get("status") is None  # nothing done
+    assert world.take_tasks() == [] and world.api.get("/api/audit", headers=auth()).json() == []  # nothing done
     answer = world.api.post(f"/api/runs/{run}/cancel", json={"reason": "freeze"}, headers=auth(actor="bob; rm -rf /"))
     assert answer.status_code == 200, answer.text
+    assert answer.json()["requested"] is True and [t for t, _ in world.take_tasks()] == ["cibroker.cancel_run"]
     [entry] = world.api.get("/api/audit", headers=auth()).json()
     assert (entry["who"], entry["channel"], entry["reason"]) == ("bob rm -rf (token ops)", "api", "freeze")
 
@@ -97,6 +98,42 @@ def test_rerun_and_dry_run_through_the_api(world: OpsWorld) -> None:
     assert done["attempt"] == 2 and [t for t, _ in world.take_tasks()] == ["cibroker.process_delivery"]
     refused = world.api.post(f"/api/runs/{run}/rerun", json={"deploy_only": True}, headers=auth())
     assert refused.status_code == 409 and "not succeeded" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"repo": "acme/../etc", "sha": "1" * 40}, "repo"),
+    ({"repo": "just-a-name", "ref": "main"}, "repo"),
+    ({"repo": "acme/shop-api", "sha": "1" * 40 + "\n"}, "sha"),
+    ({"repo": "acme/shop-api", "sha": "zz" * 20}, "sha"),
+    ({"repo": "acme/shop-api", "sha": "1" * 39}, "sha"),
+    ({"repo": "acme/shop-api", "ref": "main..evil"}, "ref"),
+    ({"repo": "acme/shop-api", "ref": "refs/remotes/origin/main"}, "ref"),
+    ({"repo": "acme/shop-api", "ref": "ma in"}, "ref"),
+    ({"repo": "acme/shop-api", "ref": "refs/heads/x.lock"}, "ref"),
+    ({"run": "ci/../../x"}, "run"),
+    ({"repo": "acme/shop-api", "sha": "1" * 40, "route": "Not A Route"}, "route"),
+    ({"run": "ci/x", "force": True, "reason": "x"}, "force"),
+])
+def test_api_rerun_fields_pass_the_webhook_edges_validators_and_a_bad_one_is_named(world: OpsWorld, body: dict,
+                                                                                   field: str) -> None:
+    answer = world.api.post("/api/rerun", json=body, headers=auth())
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] == field and answer.json()["error"].startswith(f"{field}: ")
+    assert world.take_tasks() == [] and world.api.get("/api/audit", headers=auth()).json() == []
+
+
+def test_api_force_must_be_a_boolean_and_goes_with_deploy_only(world: OpsWorld) -> None:
+    _, run = world.built()
+    world.finish(run)
+    assert world.api.post(f"/api/runs/{run}/rerun", json={"deploy_only": True, "force": "yes"}, headers=auth()).json() == {
+        "error": "force must be true or false"}
+    answer = world.api.post(f"/api/runs/{run}/rerun", json={"deploy_only": True, "force": True, "reason": "rollback"},
+                            headers=auth(actor="carol"))
+    assert answer.status_code == 200, answer.text
+    [(task, args)] = world.take_tasks()
+    assert task == "cibroker.deploy" and args == [*run.split("/"), "staging", answer.json()["attempt"], answer.json()["requests"][0]]
+    [entry] = world.api.get("/api/audit", headers=auth()).json()
+    assert (entry["who"], entry["channel"], entry["force"]) == ("carol (token ops)", "api", True)
 
 
 def test_without_a_cluster_run_endpoints_answer_503_and_deliveries_still_work(world: OpsWorld, tmp_path: Path) -> None:

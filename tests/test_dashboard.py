@@ -7,6 +7,7 @@ live refresh swaps in.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from broker.delivery import log_entry
 from broker.errors import Transient
 from broker.operations import A_CANCELLED_BY, Operations
 from broker.store import SyncStore
+from broker.trust import verify_request
 from broker.web import create_app
 from config.settings import Settings, load_settings
 from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
@@ -30,6 +32,7 @@ from workers.orchestration import Orchestrator
 
 SHA1 = "1111111111111111111111111111111111111111"
 TOKEN = "dashboard-test-token-9f8e7d"
+SIGNING_KEY = "a-dashboard-test-signing-key-of-32-chars-or-more"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 SAME_ORIGIN = {**FORM, "Origin": "http://testserver"}
 
@@ -83,7 +86,8 @@ class Board:
 @pytest.fixture
 def board(tmp_path: Path, redis_url: str) -> Iterator[Board]:
     settings = make_settings(tmp_path, routing=(FIXTURES / "routing" / "example.yaml").read_text(),
-                             environ={"CIBROKER_REDIS_URL": redis_url, "CIBROKER_API_TOKENS": f"oncall={TOKEN}"})
+                             environ={"CIBROKER_REDIS_URL": redis_url, "CIBROKER_API_TOKENS": f"oncall={TOKEN}",
+                                      "CIBROKER_SIGNING_KEY": SIGNING_KEY})
     b = Board(settings, redis_url)
     yield b
     b.close()
@@ -233,19 +237,62 @@ def test_a_form_posted_from_another_site_is_refused_even_with_the_token(board: B
                              follow_redirects=False).status_code == 303
 
 
-def test_cancel_stops_a_running_run_and_records_who_and_refuses_a_finished_one(board: Board) -> None:
+def test_cancel_requests_a_stop_records_who_and_refuses_a_finished_one(board: Board, db: redis.Redis) -> None:
+    """The page queues a signed cancel request for a worker; it says so, and does not touch the run itself."""
     _, name = board.build("a")
     board.move(name, "Unknown", "Running")
     assert "Cancel run" in board.client.get(f"/runs/ci/{name}").text
+    before = json.dumps(board.cluster.runs[("ci", name)], sort_keys=True)
+    queued = db.llen("cibroker")
     r = board.client.post(f"/runs/ci/{name}/cancel", data={"token": TOKEN, "reason": "wrong branch"}, headers=FORM,
                           follow_redirects=False)
     assert (r.status_code, r.headers["location"]) == (303, f"/runs/ci/{name}?did=cancel")
-    run = board.cluster.runs[("ci", name)]
-    assert run["spec"]["status"] == "Cancelled" and run["metadata"]["annotations"][A_CANCELLED_BY] == "oncall"
-    assert "Cancel requested" in board.client.get(r.headers["location"]).text
+    assert json.dumps(board.cluster.runs[("ci", name)], sort_keys=True) == before
+    assert A_CANCELLED_BY not in board.cluster.runs[("ci", name)]["metadata"]["annotations"]
+    assert db.llen("cibroker") == queued + 1
+    message = json.loads(db.lindex("cibroker", 0))  # LPUSH: the newest message is first
+    [request_id] = json.loads(base64.b64decode(message["body"]))[0]
+    assert message["headers"]["task"] == "cibroker.cancel_run"
+    request = verify_request(SIGNING_KEY.encode(), board.store.get_request(request_id), request_id=request_id)
+    assert (request.run, request.actor, request.channel, request.reason) == (f"ci/{name}", "oncall", "dashboard", "wrong branch")
+    page = board.client.get(r.headers["location"]).text
+    assert "Cancel requested: queued for a worker" in page
     board.move(name, "False", "Cancelled")
     again = board.client.post(f"/runs/ci/{name}/cancel", data={"token": TOKEN}, headers=FORM)
     assert again.status_code == 409 and "already ended" in again.text
+
+
+def test_deploy_only_from_the_run_page_is_unforced_unless_the_box_is_ticked_with_a_reason(board: Board,
+                                                                                         db: redis.Redis) -> None:
+    _, name = board.build("a")
+    board.move(name, "True", "Succeeded")
+    page = board.client.get(f"/runs/ci/{name}").text
+    assert 'name="deploy_only"' in page and 'name="force"' in page
+    db.delete("cibroker")
+
+    def queued_request() -> Any:
+        message = json.loads(db.lpop("cibroker"))
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        assert message["headers"]["task"] == "cibroker.deploy" and args[:3] == ["ci", name, "staging"] and len(args) == 5
+        return verify_request(SIGNING_KEY.encode(), board.store.get_request(args[4]), request_id=args[4])
+
+    r = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "deploy_only": "on"}, headers=FORM,
+                          follow_redirects=False)
+    assert (r.status_code, r.headers["location"]) == (303, f"/runs/ci/{name}?did=redeploy")
+    assert queued_request().force is False
+    assert "Deploy requested: queued for a worker" in board.client.get(r.headers["location"]).text
+    refused = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "deploy_only": "on", "force": "on"},
+                                headers=FORM)
+    assert refused.status_code == 400 and "say why" in refused.text and db.llen("cibroker") == 0
+    assert 'name="force" checked' in refused.text  # the form comes back as it was sent
+    r = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "deploy_only": "on", "force": "on",
+                                                          "reason": "rollback"}, headers=FORM, follow_redirects=False)
+    assert r.status_code == 303
+    request = queued_request()
+    assert (request.force, request.channel, request.reason) == (True, "dashboard", "rollback")
+    r = board.client.post(f"/runs/ci/{name}/rerun", data={"token": TOKEN, "force": "on", "reason": "x"}, headers=FORM,
+                          follow_redirects=False)  # force without deploy-only: an ordinary re-run, nothing forced
+    assert r.status_code == 303 and json.loads(db.lpop("cibroker"))["headers"]["task"] == "cibroker.process_delivery"
 
 
 def test_a_delivery_that_made_no_run_can_be_rerun_from_its_page(board: Board) -> None:

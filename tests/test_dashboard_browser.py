@@ -23,7 +23,8 @@ from broker import pipelinerun as pr
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
-from tests.stack import API_TOKEN, SHA1, Stack
+from tests.fakes.githost_api import FakeGitLab
+from tests.stack import API_TOKEN, SHA1, STATUS, Stack
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,6 +33,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 SECONDS = 1000  # Playwright counts milliseconds
 expect.set_options(timeout=15 * SECONDS)  # a shared 2-core machine can be slow to paint; a real failure still fails
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_url: str, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab) -> Iterator[Stack]:
+    """tests.stack's stack with a signing key for every process (a cancel is a signed request)."""
+    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url="https://gitlab.example.com/acme/shop-api.git",
+              CIBROKER_SIGNING_KEY="browser-test-signing-key-with-more-than-32-chars")
+    s.start_all()
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +169,23 @@ def test_rerun_from_the_run_page_with_the_token_makes_attempt_2_and_a_wrong_toke
     expect(page.locator("#runs tr[data-run]")).to_have_count(2)
     # The README's picture (docs/dashboard.png is a copy of one taken here).
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+
+def test_cancel_from_the_run_page_says_it_was_requested_and_is_audited(stack: Stack, kube: FakeKubeAPI, page: Page) -> None:
+    """The page words a cancel as what it is: a request queued for a worker, not a run already stopped."""
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=300):
+        stack.push("c")
+        stack.wait("running", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["running"])
+        [run] = stack.runs()
+        name = run["metadata"]["name"]
+        page.goto(f"{stack.url}/runs/ci/{name}")
+        cancel = page.locator('form[action$="/cancel"]')
+        expect(cancel).to_contain_text("Asks a worker to stop the run")
+        cancel.locator("input[name=token]").fill(API_TOKEN)
+        cancel.locator("input[name=reason]").fill("wrong branch")
+        cancel.locator("button").click()
+        expect(page).to_have_url(re.compile(rf"/runs/ci/{name}\?did=cancel$"))
+        expect(page.locator(".flash")).to_contain_text("Cancel requested: queued for a worker")
+        [audit] = api(stack, "/api/audit")
+        assert (audit["action"], audit["channel"], audit["reason"]) == ("cancel", "dashboard", "wrong branch")
+        assert audit["result"].startswith("requested (Cancelled), request ")

@@ -602,11 +602,13 @@ def test_the_broker_is_granted_exactly_what_the_kubernetes_adapter_calls(overlay
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_oncall_pods_may_read_and_cancel_runs_and_nothing_else(overlay: str) -> None:
-    """cibroker-oncall (API, dashboard) gets workers.kube.ONCALL_RBAC in every CI namespace; the webhook edge none."""
+def test_the_oncall_pods_may_only_read_runs(overlay: str) -> None:
+    """cibroker-oncall (API, dashboard) gets workers.kube.ONCALL_RBAC in every CI namespace, which writes nothing:
+    no patch (cancel is a signed request a worker carries out), no create, no delete; the webhook edge gets none."""
     objects, routing = list(build(overlay)), deploy_routing()
     granted = grants(objects, kind="ServiceAccount", name="cibroker-oncall", namespace="cibroker")
     assert granted == {ns: set(ONCALL_RBAC) for ns in ci_namespaces(routing)}
+    assert {verb for verbs in granted.values() for _, _, verb in verbs} == {"get", "list"}
     pod = pod_spec(find(objects, "Deployment", "cibroker-oncall"))
     assert pod["serviceAccountName"] == "cibroker-oncall" and pod["automountServiceAccountToken"] is True
     paths = {p["path"]: p["backend"]["service"]["name"]

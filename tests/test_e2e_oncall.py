@@ -1,13 +1,20 @@
 """End to end, the on-call surface: re-run and cancel from the CLI (local and --server) and the
 API, the decision log, the audit log and /metrics, against the real serve/worker/watcher
 processes, the fake Kubernetes API (Tekton and rollout simulators) and the fake GitLab.
+
+A cancel and a deploy-only re-run are signed requests a worker carries out (`cibroker.cancel_run`,
+`cibroker.deploy` with a request id). The tests that need the worker's consumers of those say so
+(`needs_request_consumers`) and are skipped, with that reason, on a tree whose worker lacks them;
+tests/test_oncall_trust.py checks the on-call side of both at the Redis and wire level regardless.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +24,42 @@ import pytest
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
-from tests.stack import API_TOKEN, SHA1, STATUS, Stack
+from broker.delivery import DEPLOY_TASK
+from broker.operations import CANCEL_TASK
+from tests.fakes.githost_api import FakeGitLab
+from tests.stack import API_TOKEN, IMAGE, SHA1, SHA2, STATUS, Stack
 from tests.support import CIBROKER, SECRETS, Process, base_env, free_port, payload, wait_healthy
 
 pytestmark = pytest.mark.e2e
+SIGNING_KEY = "e2e-oncall-signing-key-for-the-whole-stack-0123456789"
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_url: str, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab) -> Iterator[Stack]:
+    """tests.stack's stack, every process sharing one signing key (workers verify what the on-call side signs)."""
+    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url="https://gitlab.example.com/acme/shop-api.git",
+              CIBROKER_SIGNING_KEY=SIGNING_KEY)
+    s.start_all()
+    yield s
+    s.stop()
+
+
+def _missing_request_consumers() -> str:
+    """Why this tree's worker cannot carry out people's signed requests yet ("" when it can)."""
+    from celery import Celery
+
+    from workers import tasks
+
+    app = Celery("probe", set_as_current=False)
+    tasks.register(app, orchestrator=lambda: None)  # type: ignore[arg-type, return-value]
+    if CANCEL_TASK not in app.tasks:
+        return f"the worker has no {CANCEL_TASK} task yet (issue 10, worker side)"
+    if list(inspect.signature(app.tasks[DEPLOY_TASK].run).parameters)[:2] == ["obj", "environment"]:
+        return f"the worker's {DEPLOY_TASK} still takes a run snapshot, not (namespace, name, environment, attempt, request_id)"
+    return ""
+
+
+needs_request_consumers = pytest.mark.skipif(bool(_missing_request_consumers()), reason=_missing_request_consumers() or "-")
 
 
 def cli(stack: Stack, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -68,6 +107,7 @@ def test_rerun_from_the_cli_builds_again_follows_to_the_end_and_is_audited(stack
     assert "cibroker_queue_depth 0.0" in metrics
 
 
+@needs_request_consumers
 def test_cancel_through_the_api_reports_canceled_with_who_and_why(stack: Stack, kube: FakeKubeAPI) -> None:
     with TektonSimulator(kube, auto_start=0.2, auto_finish=300):
         stack.push("c")
@@ -78,6 +118,7 @@ def test_cancel_through_the_api_reports_canceled_with_who_and_why(stack: Stack, 
         assert api(stack, "POST", path, token=None, json={"reason": "x"}).status_code == 401
         answer = api(stack, "POST", path, json={"reason": "deploy freeze"})
         assert answer.status_code == 200, answer.text
+        assert answer.json()["requested"] is True and answer.json()["request_id"]
         stack.wait("canceled", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["canceled"])
     assert stack.gitlab.states(SHA1, STATUS) == ["pending", "running", "canceled"]
     last = [c for c in stack.gitlab.calls if c.method == "POST"][-1]
@@ -86,6 +127,38 @@ def test_cancel_through_the_api_reports_canceled_with_who_and_why(stack: Stack, 
     assert again.status_code == 409 and "already ended" in again.json()["error"]
     [entry] = api(stack, "GET", "/api/audit").json()
     assert (entry["who"], entry["channel"], entry["action"]) == ("alice (token token1)", "api", "cancel")
+
+
+@needs_request_consumers
+def test_cancel_from_the_cli_waits_until_the_run_is_canceled(stack: Stack, kube: FakeKubeAPI) -> None:
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=300):
+        stack.push("w")
+        stack.wait("running", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["running"])
+        [run] = stack.runs()
+        done = cli(stack, "cancel", f"ci/{run['metadata']['name']}", "--reason", "wrong branch", "--wait", "--timeout", "60",
+                   "--config", str(stack.config))
+    assert done.returncode == 0, done.stdout + done.stderr + stack.logs()
+    assert "requested" in done.stdout and f"ci/{run['metadata']['name']}: canceled" in done.stdout
+    stack.wait("canceled", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["canceled"])
+
+
+@needs_request_consumers
+def test_a_forced_deploy_only_rolls_staging_back_to_an_older_build(stack: Stack, kube: FakeKubeAPI) -> None:
+    """The rollback a person asks for: deploy-only --force of an older run's build, followed to the end and audited."""
+    with TektonSimulator(kube, auto_start=0.2, auto_finish=0.5), RolloutSimulator(kube):
+        stack.push("old", sha=SHA1)
+        stack.wait("SHA1 deployed", lambda: stack.gitlab.states(SHA1, "deploy/staging")[-1:] == ["success"])
+        stack.push("new", sha=SHA2, before=SHA1)
+        stack.wait("SHA2 deployed", lambda: stack.gitlab.states(SHA2, "deploy/staging")[-1:] == ["success"])
+        [old] = [r for r in stack.runs() if r["metadata"]["labels"]["cibroker.dev/sha"] == SHA1]
+        done = cli(stack, "rerun", "--run", f"ci/{old['metadata']['name']}", "--deploy-only", "--force", "--reason",
+                   "2.3 breaks checkout", "--follow", "--timeout", "60", "--config", str(stack.config))
+        assert done.returncode == 0, done.stdout + done.stderr + stack.logs()
+    first, second = (image for _, _, image in stack.images.changes[:2])  # SHA1's rollout, then SHA2's
+    assert first != second and stack.image() == first and IMAGE in first
+    assert "forced" in done.stdout and "deploy_forced" in done.stdout
+    [entry] = json.loads(cli(stack, "audit", "--json", "--config", str(stack.config)).stdout)
+    assert (entry["action"], entry["force"], entry["reason"]) == ("redeploy", True, "2.3 breaks checkout")
 
 
 def test_the_remote_cli_talks_to_the_api_with_the_same_answers(stack: Stack, kube: FakeKubeAPI) -> None:

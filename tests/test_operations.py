@@ -13,16 +13,19 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker import pipelinerun as pr
 from broker.delivery import DEPLOY_TASK, PROCESS_TASK
 from broker.errors import Permanent
-from broker.operations import Actor, NoCluster, NotFound, Operations, Refused
-from broker.ports import CommitState
+from broker.operations import CANCEL_TASK, Actor, NoCluster, NotConfigured, NotFound, Operations, Refused
+from broker.trust import verify_request
 from tests.support import FIXTURES, make_settings
 from tests.test_orchestration import SHA1, SHA2, World
 
 ALICE = Actor(who="alice@laptop", channel="cli")
+SIGNING_KEY = "a-test-signing-key-of-at-least-32-characters"
 
 
 class OpsWorld(World):
@@ -55,9 +58,16 @@ class OpsWorld(World):
 @pytest.fixture
 def world(tmp_path: Path, redis_url: str) -> OpsWorld:
     routing = (FIXTURES / "routing" / "example.yaml").read_text()
-    w = OpsWorld(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), redis_url)
+    w = OpsWorld(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url,
+                                                                   "CIBROKER_SIGNING_KEY": SIGNING_KEY}), redis_url)
     yield w
     w.close()
+
+
+def verified(world: OpsWorld, request_id: str):  # type: ignore[no-untyped-def]
+    """The stored request behind a queued task's id, through broker.trust's own check."""
+    return verify_request(world.settings.require_signing_key(), world.orch.store.get_request(request_id),
+                          request_id=request_id)
 
 
 def test_rerun_of_a_delivery_queues_the_same_task_with_the_next_attempt(world: OpsWorld) -> None:
@@ -131,17 +141,57 @@ def test_rerun_of_something_unknown_or_ignored_says_why(world: OpsWorld) -> None
         world.ops.rerun(actor=ALICE, delivery_id=ignored)
 
 
-def test_deploy_only_needs_a_succeeded_run_and_queues_a_forced_deploy(world: OpsWorld) -> None:
-    _, run = world.built()
+def test_deploy_only_needs_a_succeeded_run_and_queues_ids_and_a_signed_unforced_request(world: OpsWorld) -> None:
+    """Without --force the request says force=False: the worker's ancestry guard applies to a person's re-deploy too."""
+    delivery, run = world.built()
     with pytest.raises(Refused, match="not succeeded"):
         world.ops.rerun(actor=ALICE, run=run, deploy_only=True)
     world.finish(run)
     plan = world.ops.rerun(actor=ALICE, run=run, deploy_only=True, reason="roll staging back to this build")
+    namespace, name = run.split("/")
     [(task, args)] = world.take_tasks()
-    snapshot, environment, attempt, force = args
-    assert (task, environment, attempt, force) == (DEPLOY_TASK, "staging", 2, True)
-    assert snapshot["metadata"]["name"] == run.split("/")[1] and plan["environments"] == ["staging"]
-    assert world.ops.audit_log()[0]["reason"] == "roll staging back to this build"
+    [request_id] = plan["requests"]
+    assert (task, args) == (DEPLOY_TASK, [namespace, name, "staging", 2, request_id])
+    request = verified(world, request_id)
+    assert (request.action, request.namespace, request.name, request.environment, request.attempt, request.force,
+            request.actor, request.channel) == ("deploy", namespace, name, "staging", 2, False, "alice@laptop", "cli")
+    assert plan["environments"] == ["staging"] and plan["force"] is False
+    [entry] = world.ops.audit_log()
+    assert (entry["action"], entry["reason"], entry["force"], entry["requests"]) == (
+        "redeploy", "roll staging back to this build", False, [request_id])
+    logged = world.ops.delivery(delivery)["log"][-1]
+    assert logged["step"] == "redeploy_requested" and "forced" not in logged["detail"] and logged["requests"] == [request_id]
+
+
+def test_a_forced_deploy_only_is_signed_as_forced_and_needs_a_reason(world: OpsWorld) -> None:
+    delivery, run = world.built()
+    world.finish(run)
+    with pytest.raises(Permanent, match="say why"):
+        world.ops.rerun(actor=ALICE, run=run, deploy_only=True, force=True)
+    with pytest.raises(Permanent, match="only a deploy-only re-run can be forced"):
+        world.ops.rerun(actor=ALICE, run=run, force=True, reason="x")
+    assert world.take_tasks() == []
+    plan = world.ops.rerun(actor=ALICE, run=run, deploy_only=True, force=True, reason="roll back: 2.3 breaks checkout")
+    [(task, args)] = world.take_tasks()
+    assert task == DEPLOY_TASK and args[4] == plan["requests"][0] and len(args) == 5
+    assert verified(world, args[4]).force is True
+    assert world.ops.audit_log()[0]["result"].startswith("forced (no ancestry check) deploy to staging requested")
+    assert "forced" in world.ops.delivery(delivery)["log"][-1]["detail"]
+
+
+def test_deploy_only_and_cancel_without_a_signing_key_refuse_and_queue_nothing(world: OpsWorld, tmp_path: Path,
+                                                                             redis_url: str) -> None:
+    delivery, run = world.built()
+    routing = (FIXTURES / "routing" / "example.yaml").read_text()
+    (tmp_path / "keyless").mkdir()
+    keyless = make_settings(tmp_path / "keyless", routing=routing, environ={"CIBROKER_REDIS_URL": redis_url})
+    ops = Operations(settings=keyless, store=world.orch.store, cluster=world.cluster)
+    with pytest.raises(NotConfigured, match="CIBROKER_SIGNING_KEY"):
+        ops.cancel(run, actor=ALICE)
+    world.finish(run)
+    with pytest.raises(NotConfigured, match="CIBROKER_SIGNING_KEY"):
+        ops.rerun(actor=ALICE, run=run, deploy_only=True)
+    assert world.take_tasks() == [] and ops.audit_log() == []
 
 
 def test_a_forced_redeploy_of_an_older_commit_is_not_refused_but_logged(world: OpsWorld) -> None:
@@ -164,21 +214,28 @@ def test_a_forced_redeploy_of_an_older_commit_is_not_refused_but_logged(world: O
     assert world.host.states()[-2:] == ["deploy/staging:canceled", "deploy/staging:running"]
 
 
-def test_cancel_patches_the_run_and_the_report_names_who_and_why(world: OpsWorld) -> None:
+def test_cancel_changes_nothing_itself_and_queues_a_signed_request_naming_who_and_why(world: OpsWorld) -> None:
     delivery, run = world.built()
-    done = world.ops.cancel(run, actor=ALICE, reason="wrong branch")
     namespace, name = run.split("/")
-    obj = world.cluster.runs[(namespace, name)]
-    assert obj["spec"]["status"] == "Cancelled" and done["spec_status"] == "Cancelled"
-    obj = world.finish(run, status="False", reason="Cancelled")
-    assert world.orch.observe(obj, token="watch") is CommitState.CANCELED
-    assert world.host.statuses[-1].description == "build-test-push: canceled by alice@laptop: wrong branch"
-    assert world.ops.audit_log()[0] | {"at": ""} == {"at": "", "who": "alice@laptop", "channel": "cli", "action": "cancel",
-                                                     "target": f"PipelineRun {run}", "reason": "wrong branch",
-                                                     "result": "Cancelled"}
+    before = json.dumps(world.cluster.runs[(namespace, name)], sort_keys=True)
+    done = world.ops.cancel(run, actor=ALICE, reason="wrong branch")
+    assert json.dumps(world.cluster.runs[(namespace, name)], sort_keys=True) == before  # the run is untouched
+    assert (done["requested"], done["spec_status"], done["run"]) == (True, "Cancelled", run)
+    [(task, args)] = world.take_tasks()
+    assert (task, args) == (CANCEL_TASK, [done["request_id"]])
+    request = verified(world, done["request_id"])
+    assert (request.action, request.run, request.actor, request.channel, request.reason, request.force) == (
+        "cancel", run, "alice@laptop", "cli", "wrong branch", False)
+    assert world.ops.audit_log()[0] | {"at": ""} == {
+        "at": "", "who": "alice@laptop", "channel": "cli", "action": "cancel", "target": f"PipelineRun {run}",
+        "reason": "wrong branch", "result": f"requested (Cancelled), request {done['request_id']}",
+        "requests": [done["request_id"]]}
+    logged = world.ops.delivery(delivery)["log"][-1]
+    assert logged["step"] == "cancel_requested" and "requested by alice@laptop via cli: wrong branch" in logged["detail"]
+    world.finish(run, status="False", reason="Cancelled")
     with pytest.raises(Refused, match="already ended"):
         world.ops.cancel(run, actor=ALICE)
-    assert world.ops.delivery(delivery)["log"][-2]["step"] == "cancel_requested"
+    assert world.take_tasks() == []
 
 
 def test_runs_and_run_views(world: OpsWorld) -> None:
@@ -226,7 +283,8 @@ def test_pruning_keeps_the_newest_finished_runs_of_a_route(world: OpsWorld, tmp_
     routing = (FIXTURES / "routing" / "example.yaml").read_text().replace("    pipeline: build-test-push\n",
                                                                           "    pipeline: build-test-push\n    max_keep_runs: 2\n", 1)
     assert "max_keep_runs" in routing
-    w = OpsWorld(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), redis_url)
+    w = OpsWorld(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url,
+                                                                   "CIBROKER_SIGNING_KEY": SIGNING_KEY}), redis_url)
     try:
         runs = []
         for i in range(4):
@@ -259,7 +317,12 @@ def test_the_oncall_service_needs_exactly_oncall_rbac(world: OpsWorld, kube_clus
     ops.rerun(actor=ALICE, run=run)
     ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA1, dry_run=True)
     ops.cancel(name, actor=ALICE)
+    kube_api.mutate("pipelineruns", namespace, name, lambda o: {**o, "status": {"conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "Succeeded"}]}})
+    ops.rerun(actor=ALICE, run=run, deploy_only=True, force=True, reason="rollback")
+    ops.rerun(actor=ALICE, repo="acme/shop-api", sha=SHA1, deploy_only=True)
     assert {_permission(r) for r in kube_api.requests} == ONCALL_RBAC
+    assert not kube_api.calls("PATCH") and not kube_api.calls("POST") and not kube_api.calls("DELETE")
 
 
 def test_a_rollout_overtaken_by_a_newer_deploy_ends_as_superseded(world: OpsWorld) -> None:
@@ -316,3 +379,40 @@ def test_the_sweep_looks_at_every_delivery_of_the_window_not_only_the_oldest(wor
     world.redis.rpop(world.settings.env.queue)  # taken by a worker that died before recording it
     assert sweeper(world.settings, world.orch.store, older_than=0)() == 1
     assert world.take_tasks() == [("cibroker.process_delivery", [delivery])]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+                     max_leaves=8)
+_keys = st.sampled_from([pr.L_ROUTE, pr.L_HOST, pr.L_SHA, pr.L_DELIVERY, pr.A_REPO, pr.A_REF, pr.A_ATTEMPT, pr.A_DEPLOY,
+                         pr.A_IMAGE, pr.A_REPORTED, pr.A_SUPERSEDED_BY, pr.A_RECEIVED, "creationTimestamp", "x"])
+_fields = st.dictionaries(_keys, _json | st.text(max_size=80), max_size=8) | _json
+
+
+@settings(max_examples=300, deadline=None)
+@given(labels=_fields, annotations=_fields, status=_fields, meta_extra=st.dictionaries(_keys, _json, max_size=2))
+def test_summarize_run_never_raises_and_keeps_its_types_whatever_a_run_says(labels: Any, annotations: Any, status: Any,
+                                                                           meta_extra: dict[str, Any]) -> None:
+    """Any labels, annotations and status (not strings, not mappings, missing): a summary whose fields the CLI,
+    the API and the dashboard can always print, and `unreadable` naming what did not parse."""
+    from broker.operations import summarize_run
+
+    obj = {"metadata": {"name": "r", "namespace": "ci", **meta_extra, "labels": labels, "annotations": annotations},
+           "status": status}
+    summary = summarize_run(obj, now=1e9)
+    for key in ("run", "namespace", "name", "route", "host", "repo", "ref", "ref_name", "sha", "delivery_id", "image",
+                "state", "reason", "message", "reported", "superseded_by", "cancelled_by", "created", "deploy", "unreadable"):
+        assert isinstance(summary[key], str), key
+    assert isinstance(summary["attempt"], int) and summary["attempt"] >= 1
+    assert json.loads(summary["deploy"]) == summary["environments"]
+    assert all(isinstance(e, str) for e in summary["environments"])
+    assert summary["duration_seconds"] is None or isinstance(summary["duration_seconds"], float)
+    if not isinstance(labels, dict) or not isinstance(labels.get(pr.L_SHA), str):
+        assert summary["unreadable"] and summary["sha"] == ""
+
+
+def test_a_run_written_by_cibroker_reads_cleanly(world: OpsWorld) -> None:
+    """The control for the property test: a run the worker made has nothing unreadable."""
+    _, run = world.built()
+    [listed] = world.ops.runs()
+    assert listed["unreadable"] == "" and listed["run"] == run and listed["environments"] == ["staging"]
