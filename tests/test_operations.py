@@ -6,6 +6,8 @@ Celery message off the real Redis list and hand it to the real orchestrator.
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import json
 from pathlib import Path
@@ -184,7 +186,8 @@ def test_deploy_only_and_cancel_without_a_signing_key_refuse_and_queue_nothing(w
     delivery, run = world.built()
     routing = (FIXTURES / "routing" / "example.yaml").read_text()
     (tmp_path / "keyless").mkdir()
-    keyless = make_settings(tmp_path / "keyless", routing=routing, environ={"CIBROKER_REDIS_URL": redis_url})
+    keyless = dataclasses.replace(  # tests.support.SECRETS gives every process a key; this one has none
+        make_settings(tmp_path / "keyless", routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), signing_key=None)
     ops = Operations(settings=keyless, store=world.orch.store, cluster=world.cluster)
     with pytest.raises(NotConfigured, match="CIBROKER_SIGNING_KEY"):
         ops.cancel(run, actor=ALICE)
