@@ -327,7 +327,7 @@ class Stack:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("CIBROKER_", "GITLAB_", "GITHUB_", "GITEA_", "KUBE"))}
         self.env = {**base, "CIBROKER_REDIS_URL": redis_url, "KUBECONFIG": str(self.kubeconfig),
                     "GITLAB_API_TOKEN": GITLAB_TOKEN, "GITLAB_WEBHOOK_SECRET": SECRET, "CIBROKER_LOG_FORMAT": "json",
-                    "CIBROKER_STATE_DIR": str(tmp / f"{name}-state")}
+                    "CIBROKER_STATE_DIR": str(tmp / f"{name}-state"), "CIBROKER_SIGNING_KEY": "bench-signing-key-" + "0" * 32}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -46,6 +46,17 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _signed(settings: Settings) -> Settings:
+    """Workers, the watcher and `dev` refuse to start without the broker's signing key (they sign and verify runs)."""
+    try:
+        settings.require_signing_key()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"cibroker: {problem}", err=True)
+        raise typer.Exit(2) from None
+    return settings
+
+
 def _with_store(settings: Settings) -> tuple[Settings, str]:
     """Settings with a Redis URL: CIBROKER_REDIS_URL, or the embedded store started now."""
     if settings.env.redis_url is not None:
@@ -127,7 +138,7 @@ def worker(
     """Run a Celery worker that takes accepted deliveries off the queue."""
     from workers.app import create_celery, default_orchestrator
 
-    settings = _settings(config)
+    settings = _signed(_settings(config))
     configure(fmt=settings.env.log_format, level=settings.env.log_level)
     settings, store = _with_store(settings)
     _startup_log(settings, store, "worker", queue=settings.env.queue, concurrency=concurrency)
@@ -145,9 +156,8 @@ def watcher(config: ConfigOption = None) -> None:
     """Follow managed PipelineRuns (one watch per namespace) and queue their status reports."""
     from workers.app import create_celery, submitter
     from workers.kube import KubeCluster
-    from workers.watcher import Watcher
 
-    settings = _settings(config)
+    settings = _signed(_settings(config))
     configure(fmt=settings.env.log_format, level=settings.env.log_level)
     settings, store = _with_store(settings)
     routing = settings.routing
@@ -157,11 +167,9 @@ def watcher(config: ConfigOption = None) -> None:
         cluster = KubeCluster.from_environment(tekton_version=settings.env.tekton_api_version)
     except Exception as exc:  # the kubernetes client raises its own ConfigException types
         raise fail(f"no Kubernetes configuration (KUBECONFIG or in-cluster): {exc}", 2) from None
-    from workers.app import sweeper
-    from workers.wiring import store_for
+    from workers.app import build_watcher
 
-    w = Watcher(cluster, namespaces, submit=submitter(create_celery(settings)), resync_seconds=settings.env.resync_seconds,
-                sweep=sweeper(settings, store_for(settings)))
+    w = build_watcher(settings, cluster, submit=submitter(create_celery(settings)))
     try:
         w.run()
     except KeyboardInterrupt:
@@ -183,7 +191,7 @@ def dev(
     from workers.app import create_celery, default_orchestrator
     from workers.wiring import cluster_or_none, default_operations
 
-    settings = _settings(config)
+    settings = _signed(_settings(config))
     settings, store = _with_store(settings)
     cluster, why = cluster_or_none(settings)
     dry_run = cluster is None
@@ -210,12 +218,9 @@ def dev(
 
     celery = create_celery(settings, orchestrator=orchestrator)
     if not dry_run:
-        from workers.app import submitter
-        from workers.watcher import Watcher
+        from workers.app import build_watcher, submitter
 
-        routing = settings.routing
-        namespaces = sorted({r.namespace or routing.defaults.namespace for r in routing.routes})
-        watcher_ = Watcher(cluster, namespaces, submit=submitter(celery), resync_seconds=settings.env.resync_seconds)
+        watcher_ = build_watcher(settings, cluster, submit=submitter(celery), sweep=False)
         threading.Thread(target=watcher_.run, name="watcher", daemon=True).start()
     celery.worker_main(["worker", "--loglevel=WARNING", "-Q", settings.env.queue, "--pool=solo", "--concurrency=1",
                         "--without-gossip", "--without-mingle", "--without-heartbeat"])

@@ -125,7 +125,7 @@ def explain(settings: Settings, *, body: bytes, headers: Mapping[str, str] | Non
             entry["commit_note"] = (f"tag {event.name}: {event.sha_source}; a worker confirms with git ls-remote that the "
                                     "tag peels to it (not done by explain)")
         try:
-            git_url = pr.clone_url(route, api_url=host.api_url, web_url=event.web_url)
+            git_url = pr.clone_url(route, repo=event.repo, host=host)
             body_out = pr.render(settings.routing, route, req, git_url=git_url, api_version=settings.env.tekton_api_version)
         except Permanent as exc:
             entry["error"] = f"the worker would fail this route: {exc}"

@@ -56,7 +56,18 @@ RATE_LIMIT_WAITS = Family("cibroker_rate_limit_waits", "Task retries that waited
 RATE_LIMIT_SECONDS = Family("cibroker_rate_limit_wait_seconds", "Seconds of Retry-After waits, by task.", ("task",))
 ACTIONS = Family("cibroker_actions", "On-call actions (rerun, cancel), by action and channel (cli, api, dashboard).",
                  ("action", "channel"))
-SHARED: tuple[Family, ...] = (RUNS, RUN_DURATION, CREATED, STATUS_POSTS, DEPLOYS, RATE_LIMIT_WAITS, RATE_LIMIT_SECONDS, ACTIONS)
+# Trust (issue 10). Label values come from fixed sets: broker.provenance.REASONS, REFUSALS below, the task names.
+UNTRUSTED_RUNS = Family("cibroker_untrusted_runs", "PipelineRuns ignored as not cibroker's (forged or altered), by reason "
+                        "(no_delivery_label, unknown_delivery, not_owned, bad_signature, route_mismatch, malformed_record).",
+                        ("reason",))
+REFUSALS = ("old_message_shape", "bad_arguments", "run_not_found", "untrusted_run", "untrusted_request", "not_succeeded",
+            "finished")
+REFUSED_TASKS = Family("cibroker_refused_tasks", "Task messages refused without acting on them, by task and reason "
+                       f"({', '.join(REFUSALS)}).", ("task", "reason"))
+TASK_CRASHES = Family("cibroker_task_crashes", "Tasks that hit an unexpected exception (their delivery is marked failed), "
+                      "by task.", ("task",))
+SHARED: tuple[Family, ...] = (RUNS, RUN_DURATION, CREATED, STATUS_POSTS, DEPLOYS, RATE_LIMIT_WAITS, RATE_LIMIT_SECONDS, ACTIONS,
+                              UNTRUSTED_RUNS, REFUSED_TASKS, TASK_CRASHES)
 
 
 def histogram_increments(family: Family, values: Iterable[str], observed: float) -> list[tuple[str, float]]:

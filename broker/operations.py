@@ -614,10 +614,10 @@ class Operations:
         first = routes[0]
         host = self.settings.routing.hosts[first.host]
         known = next((d.get("push") for d in self.deliveries(limit=500, repo=repo) if d.get("push")), None) or {}
-        git_url = pr.clone_url(first, api_url=host.api_url, web_url=known.get("web_url", ""))
+        git_url = pr.clone_url(first, repo=repo, host=host)
         if self.resolver is None:
             raise Permanent("resolving a ref needs git; this process has no commit resolver")
-        auth = git_auth(self.settings, first.host)
+        auth = git_auth(self.settings, first.host) if pr.token_allowed(git_url) else None
         if kind is RefKind.TAG:
             sha = self.resolver.resolve_tag(clone_url=git_url, tag=name, auth=auth)
         else:
@@ -679,7 +679,7 @@ class Operations:
                             received_at=delivery.iso(now))
         rendered = []
         for r in routes:
-            git_url = pr.clone_url(r, api_url=host.api_url, web_url=push.get("web_url", ""))
+            git_url = pr.clone_url(r, repo=push["repo"], host=host)
             rendered.append(pr.render(self.settings.routing, r, req, git_url=git_url, api_version=self.settings.env.tekton_api_version))
         plan = {
             "action": "rerun", "dry_run": dry_run, "of": what, "delivery_id": None if dry_run else new_id, "attempt": attempt,

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from broker.errors import Permanent
 from broker.events import RefKind
-from config.routing import DeployTarget, Route, RoutingFile
+from config.routing import DeployTarget, Host, Route, RoutingFile
 
 GROUP = "cibroker.dev"
 MANAGED_BY = ("app.kubernetes.io/managed-by", "cibroker")
@@ -105,20 +105,32 @@ def image_ref(route: Route, req: RunRequest) -> str:
     return f"{repo}:{sanitize_tag(route.image_tag.format(**values))}"
 
 
-def clone_url(route: Route, *, api_url: str, web_url: str) -> str:
-    """The route's clone_url, else the payload's project URL + .git when it is on the host's own domain."""
+REPO_OK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
+
+
+def clone_url(route: Route, *, repo: str, host: Host) -> str:
+    """Where to read the route's repository from: the routing file only, never a payload or an annotation.
+
+    The route's `clone_url` (its `{repo}` filled in), else `https://<host of the host's api_url>/<repo>.git`
+    on the default port (github.com's API is api.github.com: the `api.` goes). A Git host token is
+    sent only to an https clone URL (see `token_allowed`).
+    """
+    if not REPO_OK.match(repo) or ".." in repo:
+        raise Permanent(f"repository name {repo[:80]!r} cannot be put in a clone URL")
     if route.clone_url:
-        return route.clone_url
-    host = urlsplit(api_url).hostname
-    # github.com serves its API from api.github.com
-    hosts = {host, host.removeprefix("api.")} if host else set()
-    parts = urlsplit(web_url) if web_url else None
-    if parts and parts.scheme in ("https", "http") and parts.hostname in hosts and not parts.username:
-        return web_url.rstrip("/") + ".git"
-    raise Permanent(
-        f"route {route.name!r} has no clone_url and the payload's project URL is not on the host "
-        f"({host}); set routes[].clone_url"
-    )
+        return route.clone_url.format(repo=repo)
+    hostname = urlsplit(host.api_url).hostname or ""
+    if host.kind == "github":
+        hostname = hostname.removeprefix("api.")
+    if not hostname:
+        raise Permanent(f"route {route.name!r}: cannot derive a clone URL from api_url {host.api_url!r}; set routes[].clone_url")
+    return f"https://{hostname}/{repo}.git"
+
+
+def token_allowed(clone_url: str) -> bool:
+    """A Git host token goes only over https (a file://, http:// or ssh:// clone URL never gets one)."""
+    parts = urlsplit(clone_url)
+    return parts.scheme == "https" and bool(parts.hostname) and parts.username is None
 
 
 def deploys_for(route: Route, req: RunRequest) -> list[DeployTarget]:

@@ -536,6 +536,43 @@ class SyncStore:
             rows = pipe.execute()
         return [decode_delivery(fields, []) for fields in rows]
 
+    # ---- run ownership and rollout deadlines (issue 10: what a run may do comes from here) --
+
+    def own_run(self, delivery_id: str, *, namespace: str, name: str, route: str, sha: str, attempt: int) -> None:
+        """Record, before creating it, that this delivery owns PipelineRun namespace/name (see broker.provenance)."""
+        entry = {"namespace": namespace, "name": name, "route": route, "sha": sha, "attempt": attempt}
+        with self._errors("recording a run's owner"):
+            self._client.hset(record_key(delivery_id), f"run:{namespace}/{name}", _dumps(entry))
+
+    def delivery_run(self, delivery_id: str, namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        """(stored record, its ownership entry for this run or None), or None when the delivery is not stored. One round trip."""
+        with self._errors("reading a run's owner"):
+            record, owned = self._client.hmget(record_key(delivery_id), ["record", f"run:{namespace}/{name}"])
+        if record is None:
+            return None
+        try:
+            value = json.loads(record)
+            entry = json.loads(owned) if owned is not None else None
+        except ValueError:
+            return {}, None
+        if not isinstance(value, dict):
+            return {}, None
+        return value, entry if isinstance(entry, dict) else None
+
+    def set_deadline(self, key: str, *, deadline: float, ttl: int) -> float:
+        """The rollout deadline of `key`, set once (a retried deploy keeps the first); returns the one in force."""
+        with self._errors("recording a rollout deadline"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(f"{PREFIX}deadline:{key}", repr(deadline), nx=True, ex=ttl)
+            pipe.get(f"{PREFIX}deadline:{key}")
+            _, value = pipe.execute()
+        return float(value)
+
+    def deadline(self, key: str) -> float | None:
+        with self._errors("reading a rollout deadline"):
+            value = self._client.get(f"{PREFIX}deadline:{key}")
+        return None if value is None else float(value)
+
     # ---- metrics shared by every process (broker.metrics) -------------------------------
 
     def count(self, family: str, labels: str, *, by: float = 1) -> None:

@@ -154,6 +154,7 @@ class Route(_Model):
     image_tag: str = "{sha}"
     params: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][-A-Za-z0-9_.]*$")], str] = {}
     deploy: list[DeployTarget] = []
+    deploy_by: Literal["digest", "tag"] = "digest"  # image@sha256 from the run's results, or the rendered tag
     namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] | None = None
     service_account: Annotated[str, Field(min_length=1, max_length=253)] | None = None
     status_name: str | None = None
@@ -169,6 +170,7 @@ class Route(_Model):
 
     _image_tag = field_validator("image_tag")(lambda v: check_template(v, IMAGE_TAG_FIELDS))
     _image = field_validator("image")(lambda v: check_template(v, ("repo",)))
+    _clone_url = field_validator("clone_url")(lambda v: None if v is None else check_template(v, ("repo",)))
 
     @field_validator("params")
     @classmethod

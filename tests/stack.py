@@ -38,7 +38,7 @@ from tests.fakes.githost_api import GITLAB_TOKEN, FakeGitLab
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.kube_store import Change
 from tests.fakes.rollout import seed_deployment, seed_service_account
-from tests.fakes.tekton import is_done
+from tests.fakes.tekton import digest_of, is_done
 from tests.support import SECRETS, GitOrigin, Process, base_env, free_port, payload, template_origin, wait_healthy
 
 
@@ -79,6 +79,11 @@ routes:
     deploy:
       - {{environment: staging, when: {{branches: [main]}}, namespace: staging, deployment: shop-api, container: api}}
 """
+
+
+def deployed_image(sha: str) -> str:
+    """What staging runs once `sha` is deployed: the route's repository @ the digest the (fake) build reported."""
+    return f"{IMAGE}@{digest_of(f'{IMAGE}:{sha}')}"
 
 
 def push_body(*, sha: str = SHA1, ref: str = "refs/heads/main", before: str = "0" * 40, after: str | None = None,
@@ -331,7 +336,7 @@ def _check_run(run: Mapping[str, Any], out: Outcome, *, states: Mapping[tuple[st
     superseded = annotations.get(pr.A_SUPERSEDED_BY)
     if expected is CommitState.CANCELED and superseded and f"superseded by {superseded}" not in described.get((sha, STATUS), ""):
         out.problems.append(f"{name}: canceled, but its status does not say 'superseded by {superseded}'")
-    image = annotations.get(pr.A_IMAGE, "")
+    image = deployed_image(sha)  # deploys go by digest (deploy_by defaults to digest)
     due = "staging" in json.loads(annotations.get(pr.A_DEPLOY) or "[]")
     deploy_states = states.get((sha, DEPLOY_STATUS), [])
     if expected is CommitState.SUCCESS and due:

@@ -80,6 +80,8 @@ SECRETS = {
     "GITLAB_SIGNING_SECRET": "whsec_c2lnbmluZy1zZWNyZXQtZm9yLXRlc3Rz",
     "GITHUB_WEBHOOK_SECRET": "topsecret",
     "GITEA_WEBHOOK_SECRET": "IsWishesWereHorsesWedAllBeEatingSteak!",
+    # The broker's own key (workers and the watcher refuse to start without it): signs runs and people's requests.
+    "CIBROKER_SIGNING_KEY": "test-signing-key-0123456789abcdef0123456789",
 }
 
 

@@ -441,7 +441,8 @@ def process_environment(objects: list[Object], name: str) -> dict[str, str]:
         ref = entry.get("valueFrom", {}).get("secretKeyRef")
         if ref:
             assert ref["key"] in templates[ref["name"]], ref
-            env[entry["name"]] = "redis://:x@redis.cibroker.svc:6379/0" if entry["name"] == "CIBROKER_REDIS_URL" else "x"
+            env[entry["name"]] = {"CIBROKER_REDIS_URL": "redis://:x@redis.cibroker.svc:6379/0",
+                                  "CIBROKER_SIGNING_KEY": "k" * 32}.get(entry["name"], "x")
         else:
             env[entry["name"]] = entry["value"]
     return env
@@ -469,6 +470,17 @@ def test_each_process_gets_every_secret_the_routing_file_names(name: str, tmp_pa
         assert token_warnings == [] and all(c.token for c in settings.credentials.values())
     else:  # the host API tokens stay out of the edge and the watcher
         assert token_warnings and not any(k.endswith("_API_TOKEN") for k in env)
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_the_signing_key_goes_to_the_worker_watcher_and_oncall_and_never_to_the_edge(name: str) -> None:
+    """Workers and the watcher sign and verify runs, on-call signs requests; the webhook edge needs no key to forge with."""
+    env = process_environment(list(build("production")), name)
+    settings = load_settings({**env, "CIBROKER_STATE_DIR": "/nonexistent"}, config_path=ROUTING)
+    if name == "cibroker-web":
+        assert "CIBROKER_SIGNING_KEY" not in env and settings.signing_key is None
+    else:
+        assert settings.require_signing_key() == b"k" * 32
 
 
 def test_secret_templates_hold_no_values_and_name_what_the_tasks_need() -> None:

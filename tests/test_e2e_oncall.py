@@ -143,22 +143,39 @@ def test_cancel_from_the_cli_waits_until_the_run_is_canceled(stack: Stack, kube:
 
 
 @needs_request_consumers
-def test_a_forced_deploy_only_rolls_staging_back_to_an_older_build(stack: Stack, kube: FakeKubeAPI) -> None:
-    """The rollback a person asks for: deploy-only --force of an older run's build, followed to the end and audited."""
-    with TektonSimulator(kube, auto_start=0.2, auto_finish=0.5), RolloutSimulator(kube):
-        stack.push("old", sha=SHA1)
-        stack.wait("SHA1 deployed", lambda: stack.gitlab.states(SHA1, "deploy/staging")[-1:] == ["success"])
-        stack.push("new", sha=SHA2, before=SHA1)
-        stack.wait("SHA2 deployed", lambda: stack.gitlab.states(SHA2, "deploy/staging")[-1:] == ["success"])
-        [old] = [r for r in stack.runs() if r["metadata"]["labels"]["cibroker.dev/sha"] == SHA1]
-        done = cli(stack, "rerun", "--run", f"ci/{old['metadata']['name']}", "--deploy-only", "--force", "--reason",
-                   "2.3 breaks checkout", "--follow", "--timeout", "60", "--config", str(stack.config))
-        assert done.returncode == 0, done.stdout + done.stderr + stack.logs()
-    first, second = (image for _, _, image in stack.images.changes[:2])  # SHA1's rollout, then SHA2's
-    assert first != second and stack.image() == first and IMAGE in first
-    assert "forced" in done.stdout and "deploy_forced" in done.stdout
-    [entry] = json.loads(cli(stack, "audit", "--json", "--config", str(stack.config)).stdout)
-    assert (entry["action"], entry["force"], entry["reason"]) == ("redeploy", True, "2.3 breaks checkout")
+def test_a_forced_deploy_only_rolls_staging_back_to_an_older_build(tmp_path: Path, redis_url: str, kube: FakeKubeAPI,
+                                                                  fake_gitlab_api: FakeGitLab) -> None:
+    """The rollback a person asks for: deploy-only --force of an older run's build, followed to the end and audited.
+
+    The origin is a real repository (main: c1 -> c2): the automatic deploy of c2 over c1 passes the ancestry guard,
+    which fails closed when git cannot tell (issue 10).
+    """
+    origin = tmp_path / "origin"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(origin)]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(origin)], check=True)
+    for n in (1, 2):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", f"c{n}"], check=True)
+    sha1, sha2 = subprocess.run([*git, "rev-list", "--reverse", "main"], check=True, capture_output=True,
+                                text=True).stdout.split()
+    stack = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url=f"file://{origin}", CIBROKER_SIGNING_KEY=SIGNING_KEY)
+    stack.start_all()
+    try:
+        with TektonSimulator(kube, auto_start=0.2, auto_finish=0.5), RolloutSimulator(kube):
+            stack.push("old", sha=sha1)
+            stack.wait("c1 deployed", lambda: stack.gitlab.states(sha1, "deploy/staging")[-1:] == ["success"])
+            stack.push("new", sha=sha2, before=sha1)
+            stack.wait("c2 deployed", lambda: stack.gitlab.states(sha2, "deploy/staging")[-1:] == ["success"])
+            [old] = [r for r in stack.runs() if r["metadata"]["labels"]["cibroker.dev/sha"] == sha1]
+            done = cli(stack, "rerun", "--run", f"ci/{old['metadata']['name']}", "--deploy-only", "--force", "--reason",
+                       "2.3 breaks checkout", "--follow", "--timeout", "60", "--config", str(stack.config))
+            assert done.returncode == 0, done.stdout + done.stderr + stack.logs()
+        first, second = (image for _, _, image in stack.images.changes[:2])  # c1's rollout, then c2's
+        assert first != second and stack.image() == first and IMAGE in first
+        assert "forced" in done.stdout and "deploy_forced" in done.stdout
+        [entry] = json.loads(cli(stack, "audit", "--json", "--config", str(stack.config)).stdout)
+        assert (entry["action"], entry["force"], entry["reason"]) == ("redeploy", True, "2.3 breaks checkout")
+    finally:
+        stack.stop()
 
 
 def test_the_remote_cli_talks_to_the_api_with_the_same_answers(stack: Stack, kube: FakeKubeAPI) -> None:

@@ -29,7 +29,7 @@ from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.fakes.tekton import TektonSimulator, condition
-from tests.stack import (API_TOKEN, DEPLOY_STATUS, IMAGE, KUBE_TOKEN, STATUS, Outcome, Stack, hook_headers, push_body,
+from tests.stack import (API_TOKEN, DEPLOY_STATUS, IMAGE, KUBE_TOKEN, STATUS, Outcome, Stack, deployed_image, hook_headers, push_body,
                          settle, sha_of)
 from tests.support import SECRETS, RedisServer
 
@@ -381,5 +381,5 @@ def test_burst_of_superseding_pushes_runs_only_the_newest(faulty: Stack, kube: F
         outcome = settle(stack, deliveries, timeout=60)
     finals = [stack.gitlab.states(sha, STATUS)[-1] for sha in shas]
     assert finals == ["canceled"] * 7 + ["success"]
-    assert stack.image() == f"{IMAGE}:{shas[-1]}" and outcome.deploys == 1
+    assert stack.image() == deployed_image(shas[-1]) and outcome.deploys == 1
     record(record_property, outcome, scenario="burst of 8 superseding pushes")

@@ -6,6 +6,8 @@ Celery message off the real Redis list and hand it to the real orchestrator.
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import json
 from pathlib import Path
@@ -184,7 +186,8 @@ def test_deploy_only_and_cancel_without_a_signing_key_refuse_and_queue_nothing(w
     delivery, run = world.built()
     routing = (FIXTURES / "routing" / "example.yaml").read_text()
     (tmp_path / "keyless").mkdir()
-    keyless = make_settings(tmp_path / "keyless", routing=routing, environ={"CIBROKER_REDIS_URL": redis_url})
+    keyless = dataclasses.replace(  # tests.support.SECRETS gives every process a key; this one has none
+        make_settings(tmp_path / "keyless", routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), signing_key=None)
     ops = Operations(settings=keyless, store=world.orch.store, cluster=world.cluster)
     with pytest.raises(NotConfigured, match="CIBROKER_SIGNING_KEY"):
         ops.cancel(run, actor=ALICE)
@@ -196,16 +199,19 @@ def test_deploy_only_and_cancel_without_a_signing_key_refuse_and_queue_nothing(w
 
 def test_a_forced_redeploy_of_an_older_commit_is_not_refused_but_logged(world: OpsWorld) -> None:
     """The ancestry guard stops automatic deploys of older commits; a person's re-deploy (a rollback) passes."""
-    from workers.orchestration import RunRef
+    from broker.trust import PersonRequest
 
     delivery, run = world.built()
     obj = world.finish(run)
     deployment = world.cluster.deployments[("staging", "shop-api")]
     deployment["metadata"]["annotations"]["cibroker.dev/deployed-sha"] = SHA2
     world.resolver.ancestry.add((SHA1, SHA2))
-    ref = RunRef.of(obj)
-    assert world.orch.deploy(ref, "staging", token="auto") is None  # refused: older than what runs
-    assert world.orch.deploy(ref, "staging", token="person", attempt=2, force=True) == "shop-api"
+    ref = world.orch.trusted(obj)
+    assert world.orch.deploy(ref, "staging", token="auto", obj=obj) is None  # refused: older than what runs
+    request = PersonRequest(request_id="r1", action="deploy", namespace=ref.namespace, name=ref.name, actor="alice",
+                            channel="cli", reason="rollback", at="2026-12-03T12:00:00.000Z", environment="staging", attempt=2,
+                            force=True)
+    assert world.orch.deploy(ref, "staging", token="person", obj=obj, attempt=2, request=request) == "shop-api"
     steps = [e["step"] for e in world.ops.delivery(delivery)["log"]]
     assert "deploy_refused" in steps and "deploy_forced" in steps
     assert world.host.states()[-2:] == ["deploy/staging:canceled", "deploy/staging:running"]
@@ -326,21 +332,20 @@ def test_a_rollout_overtaken_by_a_newer_deploy_ends_as_superseded(world: OpsWorl
     """Soak finding: with deploys back to back the Deployment never settles on the older image; its check must end."""
     import time
 
-    from workers.orchestration import RunRef
-
     _, old_run = world.built("old", sha=SHA1)
     _, new_run = world.built("new", sha=SHA2, before=SHA1)
-    old, new = RunRef.of(world.finish(old_run)), RunRef.of(world.finish(new_run))
+    old_obj, new_obj = world.finish(old_run), world.finish(new_run)
+    old, new = world.orch.trusted(old_obj), world.orch.trusted(new_obj)
     world.resolver.ancestry.add((SHA1, SHA2))
-    assert world.orch.deploy(old, "staging", token="d1") == "shop-api"
-    assert world.orch.deploy(new, "staging", token="d2") == "shop-api"  # SHA1 is not newer than SHA2: no refusal
-    assert world.orch.check_rollout(old, "staging", deadline=time.time() + 600, token="c1") is True
+    assert world.orch.deploy(old, "staging", token="d1", obj=old_obj) == "shop-api"
+    assert world.orch.deploy(new, "staging", token="d2", obj=new_obj) == "shop-api"  # SHA1 is not newer than SHA2: no refusal
+    assert world.orch.check_rollout(old, "staging", deadline=time.time() + 600, token="c1", obj=old_obj) is True
     assert world.host.statuses[-1].state.value == "canceled"
     assert world.host.statuses[-1].description == "staging: superseded by 22222222 before its rollout finished"
     deployment = world.cluster.deployments[("staging", "shop-api")]
-    assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2") is False  # still rolling
+    assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2", obj=new_obj) is False  # rolling
     deployment["status"]["observedGeneration"] = deployment["metadata"]["generation"]  # the new ReplicaSet is ready
-    assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2") is True
+    assert world.orch.check_rollout(new, "staging", deadline=time.time() + 600, token="c2", obj=new_obj) is True
     assert world.host.states()[-1] == "deploy/staging:success"
 
 

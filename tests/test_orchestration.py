@@ -12,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from broker import pipelinerun as pr
-from broker.errors import Transient
+from broker.errors import Permanent, Transient, Untrusted
 from broker.ports import CommitState
 from broker.store import SyncStore
 from broker.web import create_app
@@ -21,6 +21,7 @@ from tests.fakes.githost_api import GITLAB_TOKEN, FakeGitLab
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.ports import FakeCluster, FakeGitHost, FakeResolver
 from tests.fakes.rollout import seed_service_account
+from tests.fakes.tekton import digest_of
 from tests.stack import hook_headers, push_body
 from tests.support import FIXTURES, free_port, make_settings, payload, template_origin
 from workers.githost import git_host_for
@@ -55,7 +56,7 @@ class World:
         self.deploys: list[str] = []
         self.orch = Orchestrator(settings=settings, store=SyncStore(redis_url, timeout=2), cluster=self.cluster,
                                  git_hosts={"gitlab": self.host}, resolver=self.resolver,
-                                 on_success=lambda obj: self.deploys.append(obj["metadata"]["name"]))
+                                 on_success=lambda ref: self.deploys.append(ref.name))
         self.client = TestClient(create_app(settings))
         self.client.__enter__()
         self.cluster.deployments[("staging", "shop-api")] = {
@@ -171,7 +172,7 @@ def test_statuses_follow_the_run_and_never_go_backwards(world: World) -> None:
 
 def test_a_retried_report_by_the_same_task_is_allowed_but_another_task_is_not(world: World) -> None:
     world.orch.start(world.push("a"), token="t1")
-    ref = RunRef.of(world.only_run())
+    ref = world.orch.trusted(world.only_run())
     assert world.orch.report(ref, CommitState.RUNNING, "x", token="w1") is True
     assert world.orch.report(ref, CommitState.RUNNING, "x", token="w1") is True  # its own retry
     assert world.orch.report(ref, CommitState.RUNNING, "x", token="w2") is False
@@ -234,34 +235,43 @@ def test_tags_never_supersede(world: World) -> None:
     assert all("status" not in r["spec"] for r in world.cluster.runs.values())
 
 
-def succeed(world: World) -> RunRef:
+def succeed(world: World) -> tuple[RunRef, dict[str, Any]]:
     world.orch.start(world.push("a"), token="t1")
     name = world.only_run()["metadata"]["name"]
     world.orch.observe(world.cluster.set_condition("ci", name, "True", "Succeeded"), token="w")
-    return RunRef.of(world.cluster.runs[("ci", name)])
+    obj = world.cluster.runs[("ci", name)]
+    return world.orch.trusted(obj), obj
+
+
+DIGEST_IMAGE = f"registry.example.com/acme/shop-api@{digest_of(f'registry.example.com/acme/shop-api:{SHA1}')}"
 
 
 def test_deploy_patches_only_the_named_container_and_reports_success_when_rolled_out(world: World) -> None:
-    ref = succeed(world)
-    assert world.orch.deploy(ref, "staging", token="d1") == "shop-api"
+    """By digest (the default): the route's repository @ the digest the run reported; the status names tag and digest."""
+    ref, obj = succeed(world)
+    assert world.orch.deploy(ref, "staging", token="d1", obj=obj) == "shop-api"
     dep = world.cluster.deployments[("staging", "shop-api")]
     containers = {c["name"]: c["image"] for c in dep["spec"]["template"]["spec"]["containers"]}
-    assert containers == {"api": f"registry.example.com/acme/shop-api:{SHA1}", "sidecar": "envoy:1"}
+    assert containers == {"api": DIGEST_IMAGE, "sidecar": "envoy:1"}
     assert dep["metadata"]["annotations"]["kubernetes.io/change-cause"].startswith("cibroker: acme/shop-api@11111111")
-    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is False  # generation not observed yet
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1", obj=obj) is False  # generation not observed yet
     dep["status"].update(observedGeneration=dep["metadata"]["generation"])
-    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is True
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1", obj=obj) is True
     assert world.host.states("deploy/staging") == ["running", "success"]
+    digest = DIGEST_IMAGE.split("@")[1]
+    assert all(f"tag {SHA1}" in s.description and digest in s.description for s in world.host.statuses if s.name == "deploy/staging")
+    started = [e for e in world.orch.store.get(ref.delivery_id)["log"] if e["step"] == "deploy_started"][-1]
+    assert started["digest"] == digest and started["tag"].endswith(f":{SHA1}")
 
 
 def test_failed_rollout_rolls_back_and_says_so(world: World) -> None:
-    ref = succeed(world)
-    world.orch.deploy(ref, "staging", token="d1")
+    ref, obj = succeed(world)
+    world.orch.deploy(ref, "staging", token="d1", obj=obj)
     dep = world.cluster.deployments[("staging", "shop-api")]
     dep["status"].update(observedGeneration=dep["metadata"]["generation"], conditions=[
         {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
          "message": 'ReplicaSet "shop-api-5d" has timed out progressing.'}])
-    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1") is True
+    assert world.orch.check_rollout(ref, "staging", deadline=1e12, token="d1", obj=obj) is True
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
     final = world.host.statuses[-1]
     assert final.name == "deploy/staging" and final.state is CommitState.FAILED
@@ -270,17 +280,146 @@ def test_failed_rollout_rolls_back_and_says_so(world: World) -> None:
 
 def test_an_older_commit_never_overwrites_a_newer_deploy(world: World) -> None:
     """Git ancestry, not arrival order: a commit that is an ancestor of the deployed one is refused."""
-    ref = succeed(world)
+    ref, obj = succeed(world)
     dep = world.cluster.deployments[("staging", "shop-api")]
     dep["metadata"]["annotations"]["cibroker.dev/deployed-sha"] = SHA2
     world.resolver.ancestry.add((SHA1, SHA2))
-    assert world.orch.deploy(ref, "staging", token="d1") is None
+    assert world.orch.deploy(ref, "staging", token="d1", obj=obj) is None
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
     assert world.host.statuses[-1].state is CommitState.CANCELED
     assert "older than 22222222" in world.host.statuses[-1].description
 
 
-# -- the commit is real, and superseding follows the push chain: real adapters ---------------------
+# ---- issue 10: fail closed, digests, people's requests, tokens only where they belong ----------------------------
+
+
+def deployed_elsewhere(world: World, sha: str = SHA2) -> dict[str, Any]:
+    dep = world.cluster.deployments[("staging", "shop-api")]
+    dep["metadata"]["annotations"]["cibroker.dev/deployed-sha"] = sha
+    return dep
+
+
+@pytest.mark.parametrize("error", [Permanent("git fetch failed for https://gitlab.example.com/acme/shop-api.git: fatal"),
+                                   Transient("could not reach https://gitlab.example.com/acme/shop-api.git")])
+def test_an_undecidable_ancestry_check_refuses_the_deploy_and_says_why(world: World, error: Exception) -> None:
+    """Fail closed: git cannot tell whether the commit is older than the deployed one -> no deploy, deploy/<env> failed."""
+    ref, obj = succeed(world)
+    dep = deployed_elsewhere(world)
+    world.resolver.ancestry_error = error
+    assert world.orch.deploy(ref, "staging", token="d1", obj=obj) is None
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == OLD_IMAGE
+    final = world.host.statuses[-1]
+    assert (final.name, final.state) == ("deploy/staging", CommitState.FAILED)
+    assert "cannot tell whether 11111111 is older than 22222222" in final.description
+    steps = [e["step"] for e in world.orch.store.get(ref.delivery_id)["log"]]
+    assert steps[-3:] == ["ancestry_unknown", "status_posted", "deploy_refused"]
+
+
+def test_a_transient_git_error_is_retried_before_the_deploy_is_refused(world: World) -> None:
+    ref, obj = succeed(world)
+    deployed_elsewhere(world)
+    world.resolver.ancestry_error = Transient("could not reach the remote")
+    with pytest.raises(Transient):
+        world.orch.deploy(ref, "staging", token="d1", obj=obj, give_up=False)
+    assert [s.name for s in world.host.statuses].count("deploy/staging") == 0
+
+
+def test_only_a_signed_person_request_forces_past_the_ancestry_guard(world: World) -> None:
+    """force comes from a verified PersonRequest alone; the decision log names the person."""
+    from broker.trust import PersonRequest, sign_request
+
+    ref, obj = succeed(world)
+    dep = deployed_elsewhere(world)
+    world.resolver.ancestry.add((SHA1, SHA2))
+    signed = PersonRequest(request_id="r1", action="deploy", namespace="ci", name=ref.name, actor="alice", channel="cli",
+                           reason="roll back", at="2026-12-03T12:00:00.000Z", environment="staging", attempt=2, force=True)
+    world.orch.store.put_request(sign_request(world.orch.key, signed), ttl=60)
+    request = world.orch.request("r1", action="deploy", namespace="ci", name=ref.name, environment="staging", attempt=2)
+    with pytest.raises(Untrusted, match="another action"):
+        world.orch.request("r1", action="deploy", namespace="ci", name=ref.name, environment="production", attempt=2)
+    assert world.orch.deploy(ref, "staging", token="d1", obj=obj, attempt=2, request=request) == "shop-api"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == DIGEST_IMAGE
+    forced = [e for e in world.orch.store.get(ref.delivery_id)["log"] if e["step"] == "deploy_forced"]
+    assert forced and "alice's request via cli" in forced[0]["detail"] and forced[0]["by"] == "alice"
+
+
+def test_deploy_by_tag_sets_the_rendered_tag(tmp_path: Path, redis_url: str) -> None:
+    routing = (FIXTURES / "routing" / "example.yaml").read_text().replace("    image: registry.example.com/acme/shop-api\n",
+                                                                          "    image: registry.example.com/acme/shop-api\n"
+                                                                          "    deploy_by: tag\n", 1)
+    assert "deploy_by: tag" in routing
+    w = World(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url}), redis_url)
+    try:
+        ref, obj = succeed(w)
+        w.orch.deploy(ref, "staging", token="d1", obj=obj)
+        image = w.cluster.deployments[("staging", "shop-api")]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image == f"registry.example.com/acme/shop-api:{SHA1}"
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("results", [[], [{"name": "image-digest", "value": "sha256:abc"}],
+                                     [{"name": "image-digest", "value": "sha256:" + "A" * 64}],
+                                     [{"name": "image-digest", "value": "evil.example/x@sha256:" + "a" * 64}],
+                                     [{"name": "image-digest", "value": "sha256:" + "a" * 64},
+                                      {"name": "IMAGE_DIGEST", "value": "sha256:" + "b" * 64}]])
+def test_a_digest_deploy_without_a_valid_digest_is_refused(world: World, results: list[dict[str, str]]) -> None:
+    """Missing, malformed, or contradicting digests: Permanent with a reason; nothing patched."""
+    ref, obj = succeed(world)
+    obj["status"]["results"] = results
+    with pytest.raises(Permanent, match="reports no valid image digest"):
+        world.orch.deploy(ref, "staging", token="d1", obj=obj)
+    assert ("patch_deployment", "shop-api") not in world.cluster.calls
+
+
+def test_a_v1beta1_run_reports_its_digest_in_pipeline_results(world: World) -> None:
+    from broker.provenance import image_digest
+
+    assert image_digest({"status": {"pipelineResults": [{"name": "image-digest", "value": "sha256:" + "c" * 64}]}}) == \
+        "sha256:" + "c" * 64
+
+
+def test_the_token_goes_to_an_https_clone_url_only(tmp_path: Path, redis_url: str) -> None:
+    """A file:// (or http://) clone URL never gets the host's token; an https one from the routing file does."""
+    routing = (FIXTURES / "routing" / "example.yaml").read_text()
+    w = World(make_settings(tmp_path, routing=routing, environ={"CIBROKER_REDIS_URL": redis_url, "GITLAB_API_TOKEN": "tok"}),
+              redis_url)
+    try:
+        assert w.orch.git_auth("gitlab", "file:///srv/git/shop-api.git") is None
+        assert w.orch.git_auth("gitlab", "http://gitlab.example.com/acme/shop-api.git") is None
+        assert w.orch.git_auth("gitlab", "ssh://git@gitlab.example.com/acme/shop-api.git") is None
+        assert w.orch.git_auth("gitlab", "https://gitlab.example.com/acme/shop-api.git") == ("oauth2", "tok")
+        ref, obj = succeed(w)
+        deployed_elsewhere(w)
+        w.orch.deploy(ref, "staging", token="d1", obj=obj)
+        assert w.resolver.asked == [(ref.clone_url, ("oauth2", "tok"))] and ref.clone_url.startswith("https://gitlab.example.com/")
+    finally:
+        w.close()
+
+
+def test_annotations_are_not_read_for_what_a_run_does(world: World) -> None:
+    """Our run with rewritten annotations: statuses, deploy list, image and clone URL still come from routing + store."""
+    world.orch.start(world.push("a"), token="t1")
+    run = world.only_run()
+    run["metadata"]["annotations"].update({pr.A_REPO: "acme/other", pr.A_REPO_ID: "999", pr.A_DEPLOY: "{not json",
+                                           pr.A_IMAGE: "evil/pwn:1", pr.A_CLONE_URL: "https://evil.example/x.git",
+                                           pr.A_STATUS_NAME: "evil", pr.A_ATTEMPT: "NaN", pr.A_REF: "refs/heads/evil"})
+    ref = world.orch.trusted(run)
+    assert (ref.repo, ref.repo_id, ref.status_name, ref.ref) == ("acme/shop-api", "4861503", "cibroker/build-test-push", "refs/heads/main")  # the payload's project id
+    assert ref.deploy == ("staging",) and ref.image.endswith(f"shop-api:{SHA1}") and "evil" not in ref.clone_url
+
+
+def test_a_run_squatting_our_deterministic_name_fails_the_delivery(world: World) -> None:
+    """Someone created a run with the name cibroker would use: AlreadyExists, not signed -> refused, not adopted."""
+    from broker.pipelinerun import run_name
+
+    name = run_name(route="shop-api", ref="refs/heads/main", sha=SHA1, attempt=1)
+    world.cluster.runs[("ci", name)] = {"metadata": {"name": name, "namespace": "ci", "labels": {}, "annotations": {}}, "spec": {}}
+    delivery = world.push("a")
+    assert world.orch.start(delivery, token="t1") == []
+    [status] = world.host.statuses
+    assert status.state is CommitState.FAILED and "cibroker did not create it" in status.description
+    assert world.orch.store.get(delivery)["state"] == "failed"
 # GitCommitResolver on a real repository (the Git host's copy), KubeCluster over the wire-level fake
 # Kubernetes API, the GitLab adapter over the fake GitLab API, the real edge and Redis.
 

@@ -24,6 +24,7 @@ from broker.pipelinerun import (
     render,
     run_name,
     sanitize_tag,
+    token_allowed,
 )
 from config.settings import parse_routing
 from tests.crd import validate
@@ -163,17 +164,41 @@ def test_a_tag_that_cannot_be_sanitised_is_permanent() -> None:
         sanitize_tag("...")
 
 
-def test_clone_url_comes_from_the_route_or_a_payload_url_on_the_hosts_domain() -> None:
+def test_clone_url_comes_from_the_routing_file_only() -> None:
+    """The route's clone_url ({repo} filled in), else https://<api_url's host>/<repo>.git; never a payload URL."""
+    from config.routing import Host
+
     r = routing()
     route = r.routes[0]
-    assert clone_url(route, api_url="https://gitlab.example.com/api/v4", web_url="https://evil.example/x") == route.clone_url
+    gitlab = Host(kind="gitlab", api_url="https://gitlab.example.com:8443/api/v4", webhook_secrets=[{"env": "X"}])
+    github = Host(kind="github", api_url="https://api.github.com", webhook_secrets=[{"env": "X"}])
+    assert clone_url(route, repo="acme/shop-api", host=gitlab) == route.clone_url
+    templated = route.model_copy(update={"clone_url": "https://git.example.com:2222/mirror/{repo}.git"})
+    assert clone_url(templated, repo="acme/web", host=gitlab) == "https://git.example.com:2222/mirror/acme/web.git"
     bare = route.model_copy(update={"clone_url": None})
-    assert clone_url(bare, api_url="https://gitlab.example.com/api/v4",
-                     web_url="https://gitlab.example.com/acme/shop-api") == "https://gitlab.example.com/acme/shop-api.git"
-    assert clone_url(bare, api_url="https://api.github.com", web_url="https://github.com/o/r") == "https://github.com/o/r.git"
-    for hostile in ("https://evil.example/acme/shop-api", "file:///etc/passwd", "https://user:pw@gitlab.example.com/a/b", ""):
-        with pytest.raises(Permanent, match="clone_url"):
-            clone_url(bare, api_url="https://gitlab.example.com/api/v4", web_url=hostile)
+    # The default port: a port on api_url is the API's, not a place a token may follow the clone to.
+    assert clone_url(bare, repo="acme/shop-api", host=gitlab) == "https://gitlab.example.com/acme/shop-api.git"
+    assert clone_url(bare, repo="o/r", host=github) == "https://github.com/o/r.git"
+    for hostile in ("../../evil", "acme/../x", "acme/shop api", "@evil.example/x", "", "a/b?x=1", "a/b#c"):
+        with pytest.raises(Permanent, match="clone URL"):
+            clone_url(bare, repo=hostile, host=gitlab)
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://gitlab.example.com/a/b.git", True), ("https://gitlab.example.com:8443/a/b.git", True),
+    ("http://gitlab.example.com/a/b.git", False), ("file:///srv/git/a.git", False), ("ssh://git@gitlab.example.com/a/b", False),
+    ("https://user@gitlab.example.com/a/b.git", False),
+])
+def test_a_token_goes_only_to_an_https_clone_url(url: str, allowed: bool) -> None:
+    assert token_allowed(url) is allowed
+
+
+def test_a_clone_url_template_takes_only_repo() -> None:
+    from pydantic import ValidationError
+
+    route = routing().routes[0].model_dump()
+    with pytest.raises(ValidationError, match="unknown placeholder"):
+        type(routing().routes[0]).model_validate({**route, "clone_url": "https://x.example/{sha}.git"})
 
 
 def test_example_routing_file_renders_valid_runs_for_every_route_and_ref_kind(tmp_path: Path) -> None:

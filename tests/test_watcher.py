@@ -185,3 +185,31 @@ def test_resyncs_do_not_queue_the_same_report_again_while_it_is_under_way() -> N
     now[0] += 301
     watcher.resync("ci")
     assert submitted == ["r1", "r1", "r1"]  # that report never landed: try again
+
+
+def test_runs_that_are_not_cibrokers_are_never_submitted(kube_api: FakeKubeAPI, kube_cluster: KubeCluster,
+                                                         tekton: TektonSimulator) -> None:
+    """The trust check runs before a submit: a forged run's events are dropped, ours go on; asked once per state change."""
+    recorder, asked = Recorder(), []
+
+    def trust(obj: Any) -> bool:
+        asked.append(obj["metadata"]["name"])
+        return obj["metadata"]["labels"]["cibroker.dev/sha"] != "f" * 40
+
+    watcher = Watcher(kube_cluster, ["ci"], submit=recorder, trust=trust, resync_seconds=30,
+                      sleep=lambda s: time.sleep(min(s, 0.05)))
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        wait_watches(kube_api, 1)
+        forged = kube_api.put(run_object("f" * 40))["metadata"]["name"]
+        ours = kube_api.put(run_object("1" * 40))["metadata"]["name"]
+        for name in (forged, ours):
+            tekton.succeed("ci", name)
+        recorder.wait("ours succeeded", lambda seen: (ours, "Succeeded") in seen)
+    finally:
+        watcher.stop.set()
+        kube_api.cut_watches()
+        thread.join(10)
+    assert all(name == ours for name, _ in recorder.seen)
+    assert forged in asked and watcher.stats["untrusted"] >= 1

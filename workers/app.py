@@ -9,20 +9,25 @@ adapters) is built once per worker process, on first use.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from broker import metrics
 from broker.embedded import kombu_url
 from broker.logging import get_logger
 from broker.errors import StoreUnavailable
-from broker.ports import GitHost
+from broker.ports import Cluster, GitHost
+from broker.pipelinerun import A_REPORTED
+from broker.provenance import RunVerifier
 from broker.store import SyncStore
 from config.settings import Settings
 from workers import tasks
 from workers.orchestration import Orchestrator
+from workers.watcher import Watcher
 
 log = get_logger("cibroker.app")
 
@@ -44,6 +49,7 @@ def default_orchestrator(settings: Settings) -> Orchestrator:
     from workers.kube import KubeCluster
     from workers.wiring import store_for
 
+    settings.require_signing_key()  # before anything else: a worker never runs without it
     return Orchestrator(
         settings=settings,
         store=store_for(settings),
@@ -86,16 +92,51 @@ def create_celery(settings: Settings, *, orchestrator: Callable[[Settings], Orch
     return app
 
 
-def submitter(app: Celery) -> Callable[[dict], None]:
-    """What the watcher calls for a run whose state moved: a report task on the queue."""
+def submitter(app: Celery) -> Callable[[Mapping[str, Any]], None]:
+    """What the watcher calls for a run whose state moved: a report task on the queue, naming the run (ids only)."""
 
-    def submit(obj: dict) -> None:
+    def submit(obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
         try:
-            app.send_task(tasks.REPORT_TASK, args=[tasks.snapshot(obj)], queue=app.conf.task_default_queue)
+            # The third argument is the `reported` annotation the watcher saw: a hint, see Orchestrator.observe.
+            hint = (meta.get("annotations") or {}).get(A_REPORTED) or ""
+            app.send_task(tasks.REPORT_TASK, args=[meta.get("namespace"), meta.get("name"), hint],
+                          queue=app.conf.task_default_queue)
         except (OperationalError, OSError) as exc:  # the queue (Redis) is away: the watcher backs off and replays
             raise StoreUnavailable(f"cannot queue a status report: {type(exc).__name__}: {exc}") from exc
 
     return submit
+
+
+def trust_check(settings: Settings, store: SyncStore) -> Callable[[Mapping[str, Any]], bool]:
+    """The watcher's filter: is this run cibroker's? One warning line and a metric per run that is not."""
+    verifier = RunVerifier(key=settings.require_signing_key(), routing=settings.routing, lookup=store.delivery_run)
+
+    def trusted(obj: Mapping[str, Any]) -> bool:
+        verdict, first = verifier.check(obj)
+        if verdict.facts is None and first:
+            meta = obj.get("metadata") or {}
+            log.warning("run_ignored", run=f"{meta.get('namespace')}/{meta.get('name')}", reason=verdict.reason,
+                        detail=verdict.detail)
+            try:
+                store.count(metrics.UNTRUSTED_RUNS.name, metrics.UNTRUSTED_RUNS.field((verdict.reason,)))
+            except StoreUnavailable:
+                pass
+        return verdict.facts is not None
+
+    return trusted
+
+
+def build_watcher(settings: Settings, cluster: Cluster, *, submit: Callable[[Mapping[str, Any]], None],
+                  sweep: bool = True) -> Watcher:
+    """The watcher the `watcher` and `dev` commands run: namespaces from the routing file, runs checked for trust."""
+    from workers.wiring import store_for
+
+    store = store_for(settings)
+    routing = settings.routing
+    namespaces = sorted({r.namespace or routing.defaults.namespace for r in routing.routes})
+    return Watcher(cluster, namespaces, submit=submit, resync_seconds=settings.env.resync_seconds,
+                   sweep=sweeper(settings, store) if sweep else None, trust=trust_check(settings, store))
 
 
 STRANDED_AFTER_SECONDS = 120.0

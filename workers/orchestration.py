@@ -4,13 +4,17 @@ Services over the ports (`Cluster`, `GitHost`, `CommitResolver`) and the deliver
 store; Celery tasks in `workers.tasks` are thin wrappers. Every step is idempotent:
 the PipelineRun name is deterministic (AlreadyExists counts as success), status
 reports are claimed in order in Redis (a retry of an older report never overtakes a
-newer one), and a deploy runs once per (run, environment). State a later worker
-needs travels on the PipelineRun's labels and annotations.
+newer one), and a deploy runs once per (run, environment).
+
+Trust (issue 10): a run's labels and annotations are an index, never an order. Every run
+cibroker creates is signed and recorded in its stored delivery before the create; what a
+run does next (which status it posts where, which image it deploys, which clone URL gets a
+token) is derived from the routing file and that stored delivery (`broker.provenance`).
+A run that does not verify is ignored; a forced deploy needs a person's signed request.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -20,11 +24,14 @@ from typing import Any
 from broker import metrics
 from broker import pipelinerun as pr
 from broker.delivery import log_entry
-from broker.errors import Permanent, Transient
+from broker.errors import Permanent, Transient, Untrusted
 from broker.events import RefKind
 from broker.logging import get_logger
 from broker.operations import duration, git_auth
 from broker.ports import Cluster, CommitResolver, CommitState, CommitStatus, GitHost, StatusAnswer
+from broker.provenance import RunFacts as RunRef  # what a verified run may act on (routing file + stored delivery)
+from broker.provenance import RunVerifier, Verdict, facts_of, image_digest, repository_of
+from broker.trust import A_SIGNATURE, PersonRequest, run_signature, verify_request
 from broker.reporting import RANK, describe, is_final, parse_state, run_state, should_report
 from broker.rollout import A_DEPLOYED_SHA, A_PREVIOUS_IMAGE, A_PREVIOUS_SHA, Rollout, container_image, rollout_status, set_image_patch
 from broker.store import SyncStore
@@ -32,6 +39,8 @@ from config.routing import DeployTarget, Route
 from config.settings import Settings
 
 log = get_logger("cibroker.orchestration")
+A_CANCELLED_BY = f"{pr.GROUP}/cancelled-by"  # read by broker.reporting.describe, as broker.operations writes them
+A_CANCEL_REASON = f"{pr.GROUP}/cancel-reason"
 CLAIM_TTL = 30 * 86400
 # How long a claimed status post may be in flight before a later state goes anyway (its poster
 # died); longer than the Git host client's own timeouts.
@@ -60,58 +69,6 @@ def _active(obj: Mapping[str, Any]) -> bool:
     return not is_final(run_state(obj)) and not (obj.get("spec") or {}).get("status")
 
 
-@dataclass(frozen=True, slots=True)
-class RunRef:
-    """Everything a report needs, read off a PipelineRun (so no API call is needed to report)."""
-
-    namespace: str
-    name: str
-    host: str
-    host_kind: str
-    repo: str
-    repo_id: str
-    ref: str
-    sha: str
-    route: str
-    delivery_id: str
-    status_name: str
-    deploy: tuple[str, ...]
-    clone_url: str
-    image: str
-    reported: CommitState | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def short_ref(self) -> str:
-        return self.ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
-
-    @classmethod
-    def of(cls, obj: Mapping[str, Any]) -> RunRef:
-        meta = obj.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        ann = meta.get("annotations") or {}
-        return cls(
-            namespace=str(meta.get("namespace", "")),
-            name=str(meta.get("name", "")),
-            host=labels.get(pr.L_HOST, ""),
-            host_kind=ann.get(pr.A_HOST_KIND, ""),
-            repo=ann.get(pr.A_REPO, ""),
-            repo_id=ann.get(pr.A_REPO_ID, ""),
-            ref=ann.get(pr.A_REF, ""),
-            sha=labels.get(pr.L_SHA, ""),
-            route=labels.get(pr.L_ROUTE, ""),
-            delivery_id=labels.get(pr.L_DELIVERY, ""),
-            status_name=ann.get(pr.A_STATUS_NAME, ""),
-            deploy=tuple(json.loads(ann.get(pr.A_DEPLOY) or "[]")),
-            clone_url=ann.get(pr.A_CLONE_URL, ""),
-            image=ann.get(pr.A_IMAGE, ""),
-            reported=parse_state(ann.get(pr.A_REPORTED)),
-        )
-
-
 @dataclass
 class Orchestrator:
     settings: Settings
@@ -120,11 +77,19 @@ class Orchestrator:
     git_hosts: Mapping[str, GitHost]
     resolver: CommitResolver
     clock: Callable[[], float] = time.time
-    # Called with the PipelineRun snapshot when a run that has deploys succeeded; the tasks layer enqueues them.
-    on_success: Callable[[Mapping[str, Any]], None] = lambda obj: None  # noqa: E731
+    # Called with a verified succeeded run that has deploys; the tasks layer enqueues them (ids only).
+    on_success: Callable[[RunRef], None] = lambda ref: None  # noqa: E731
     # No cluster to talk to (`cibroker dev` on a laptop): render and record, create and post nothing.
     dry_run: bool = False
+    # The broker's signing key (CIBROKER_SIGNING_KEY): signs the runs we create, verifies runs and people's requests.
+    key: bytes = b""
     _sa_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    verifier: RunVerifier = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = self.settings.require_signing_key()
+        self.verifier = RunVerifier(key=self.key, routing=self.settings.routing, lookup=self.store.delivery_run)
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -138,8 +103,16 @@ class Orchestrator:
                 return route
         raise Permanent(f"route {name!r} is no longer in the routing file")
 
-    def git_auth(self, host_id: str) -> tuple[str, str] | None:
-        return git_auth(self.settings, host_id)
+    def git_auth(self, host_id: str, clone_url: str) -> tuple[str, str] | None:
+        """The host's token for git, only for an https clone URL (derived from the routing file, never from input)."""
+        return git_auth(self.settings, host_id) if pr.token_allowed(clone_url) else None
+
+    def trusted(self, obj: Mapping[str, Any]) -> RunRef:
+        """The facts of a run cibroker created (routing file + stored delivery); Untrusted otherwise."""
+        return self.verifier.require(obj)
+
+    def verdict(self, obj: Mapping[str, Any]) -> tuple[Verdict, bool]:
+        return self.verifier.check(obj)
 
     def _log(self, delivery_id: str, step: str, detail: str, *, delivery_state: str | None = None, **extra: Any) -> None:
         """Append to the delivery's decision log; `delivery_state` also moves the delivery's state (queued, started...)."""
@@ -167,7 +140,7 @@ class Orchestrator:
     def _start_route(self, record: Mapping[str, Any], route: Route, *, attempt: int, token: str) -> str:
         push = record["push"]
         host = self.settings.routing.hosts[route.host]
-        git_url = pr.clone_url(route, api_url=host.api_url, web_url=push.get("web_url", ""))
+        git_url = pr.clone_url(route, repo=push["repo"], host=host)
         kind = RefKind(push["kind"])
         sha = self._commit(push, kind=kind, git_url=git_url, host_id=route.host, delivery_id=record["delivery_id"])
         req = pr.RunRequest(
@@ -180,9 +153,23 @@ class Orchestrator:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if self.dry_run:
             return self._dry_run(route, req, body)
+        body["metadata"]["annotations"][A_SIGNATURE] = run_signature(
+            self.key, name=name, namespace=namespace, route=route.name, repo=req.repo, ref=req.ref, sha=sha,
+            delivery_id=req.delivery_id)
         self._preflight(namespace, body)
+        # Before the create: a crash right after it still leaves a run that matches its stored delivery.
+        self.store.own_run(req.delivery_id, namespace=namespace, name=name, route=route.name, sha=sha, attempt=attempt)
         obj, created = self.cluster.create_pipelinerun(body, namespace=namespace)
-        ref = RunRef.of(obj)
+        if created:
+            ref = facts_of(self.settings.routing, record, {"route": route.name, "sha": sha, "attempt": attempt},
+                           namespace=namespace, name=name)
+        else:
+            verdict, _ = self.verdict(obj)
+            if verdict.facts is None:
+                self.store.count(metrics.UNTRUSTED_RUNS.name, metrics.UNTRUSTED_RUNS.field((verdict.reason,)))
+                raise Permanent(f"a PipelineRun named {namespace}/{name} already exists and cibroker did not create it "
+                                f"({verdict.detail}); delete it and re-run")
+            ref = verdict.facts
         self._log(req.delivery_id, "pipelinerun_created" if created else "pipelinerun_exists",
                   f"PipelineRun {namespace}/{name} {'created' if created else 'already existed (same push delivered again)'} "
                   f"for route {route.name}, commit {sha[:8]}, image {ref.image}", run=f"{namespace}/{name}", delivery_state="started")
@@ -198,7 +185,7 @@ class Orchestrator:
         """The commit to build, confirmed with the Git host: tags peeled with git ls-remote, branches checked to hold it."""
         if kind is not RefKind.TAG:
             return self._confirm_branch(push, git_url=git_url, host_id=host_id, delivery_id=delivery_id)
-        peeled = self.resolver.resolve_tag(clone_url=git_url, tag=push["name"], auth=self.git_auth(host_id))
+        peeled = self.resolver.resolve_tag(clone_url=git_url, tag=push["name"], auth=self.git_auth(host_id, git_url))
         if peeled == push["sha"]:
             detail = f"tag {push['name']} peels to {peeled[:8]} on the remote, as the push said"
         elif push["sha"] == push["pushed"]:
@@ -223,7 +210,7 @@ class Orchestrator:
             self._log(delivery_id, "commit_resolved", f"DRY RUN: branch {branch} at {sha[:8]} not confirmed with the Git host")
             return sha
         try:
-            head = self.resolver.branch_contains(clone_url=git_url, branch=branch, sha=sha, auth=self.git_auth(host_id))
+            head = self.resolver.branch_contains(clone_url=git_url, branch=branch, sha=sha, auth=self.git_auth(host_id, git_url))
         except Permanent as exc:
             raise Permanent(f"the Git host does not confirm commit {sha[:8]} on branch {branch}: {exc}") from exc
         if head == sha:
@@ -311,6 +298,8 @@ class Orchestrator:
         out = []
         for obj, delivery_id in zip(chosen, ids, strict=True):
             record = by_id.get(delivery_id) if delivery_id else None
+            if record is not None and not self.verifier.verify(obj).trusted:
+                continue  # a run cibroker did not create (or one altered since) neither cancels nor is cancelled
             push = (record or {}).get("push") or {}
             if (record is None or record.get("decision") != "accepted" or route.name not in (record.get("routes") or ())
                     or (record.get("host"), str(push.get("repo_id")), push.get("ref")) != (req.host, req.repo_id, req.ref)
@@ -323,7 +312,7 @@ class Orchestrator:
 
     def _by_ancestry(self, req: pr.RunRequest, other: _OtherRun, *, git_url: str) -> tuple[int, str]:
         """The push chain is broken between the two: 1 ours descends from the other's commit, -1 the reverse, 0 unknown."""
-        auth = self.git_auth(req.host)
+        auth = self.git_auth(req.host, git_url)
         try:
             if self.resolver.is_ancestor(clone_url=git_url, ancestor=other.sha, descendant=req.sha, auth=auth):
                 return 1, "git ancestry (the push chain is broken)"
@@ -353,20 +342,46 @@ class Orchestrator:
 
     def _fail_before_run(self, record: Mapping[str, Any], route_name: str, reason: str, *, attempt: int) -> None:
         """A permanent problem before any PipelineRun exists: say so on the commit and in the log."""
-        push = record["push"]
         self._log(record["delivery_id"], "failed", f"route {route_name}: {reason}", delivery_state="failed")
         log.warning("run_not_started", delivery_id=record["delivery_id"], route=route_name, reason=reason)
+        self._post_not_started(record, route_name, reason, attempt=attempt)
+
+    def _post_not_started(self, record: Mapping[str, Any], route_name: str, reason: str, *, attempt: int) -> None:
         route = next((r for r in self.settings.routing.routes if r.name == route_name), None)
         if route is None:
             return
+        push = record["push"]
         name = pr.run_name(route=route.name, ref=push["ref"], sha=push["sha"], attempt=attempt)
         ref = RunRef(
-            namespace=route.namespace or self.settings.routing.defaults.namespace, name=name, host=record["host"],
-            host_kind=record["host_kind"], repo=push["repo"], repo_id=push["repo_id"], ref=push["ref"], sha=push["sha"],
-            route=route.name, delivery_id=record["delivery_id"], status_name=pr.status_name(self.settings.routing, route),
-            deploy=(), clone_url="", image="", reported=None,
+            namespace=route.namespace or self.settings.routing.defaults.namespace, name=name, host=route.host,
+            host_kind=self.settings.routing.hosts[route.host].kind, repo=push["repo"], repo_id=push["repo_id"], ref=push["ref"],
+            sha=push["sha"], route=route.name, delivery_id=record["delivery_id"],
+            status_name=pr.status_name(self.settings.routing, route), deploy=(), clone_url="", image="",
         )
-        self.report(ref, CommitState.FAILED, f"{route.pipeline}: not started: {reason}", token=uuid.uuid4().hex)
+        self.report(ref, CommitState.FAILED, f"{route.pipeline}: not started: {reason}"[:250], token=uuid.uuid4().hex)
+
+    # ---- a task that crashed (workers.tasks `guarded`) ---------------------------------
+
+    def note(self, delivery_id: str, step: str, detail: str, **extra: Any) -> None:
+        """One line in a delivery's decision log."""
+        self._log(delivery_id, step, detail, **extra)
+
+    def mark_failed(self, delivery_id: str, reason: str, *, error_class: str) -> None:
+        """The delivery is `failed` (never re-queued by the sweep), with the exception class in its decision log."""
+        self._log(delivery_id, "failed", reason, delivery_state="failed", error_class=error_class)
+
+    def fail_delivery(self, delivery_id: str, reason: str) -> None:
+        """Best effort: a failed commit status for every route of a delivery whose task crashed."""
+        record = self.store.get(delivery_id)
+        if record is None:
+            return
+        attempt = int(record.get("attempt") or 1)
+        for route_name in record.get("routes") or []:
+            try:
+                self._post_not_started(record, str(route_name), reason, attempt=attempt)
+            except (Transient, Permanent, KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("crash_status_not_posted", delivery_id=delivery_id, route=str(route_name),
+                            error_class=type(exc).__name__)
 
     # ---- reporting ---------------------------------------------------------------------
 
@@ -420,11 +435,19 @@ class Orchestrator:
         log.info("status_posted", run=ref.key, status=status_name, state=state.value, answer=answer.value)
         return True
 
-    def observe(self, obj: Mapping[str, Any], *, token: str) -> CommitState | None:
-        """Report what a PipelineRun shows now (called for watch events and resyncs); returns the state reported."""
-        ref = RunRef.of(obj)
+    def observe(self, obj: Mapping[str, Any], *, token: str, reported: CommitState | None | str = "annotation") -> CommitState | None:
+        """Report what a PipelineRun shows now (`obj` as just read from the API); returns the state reported.
+
+        `reported` is what the watcher saw in the run's `reported` annotation when it submitted the
+        report (a hint that only skips work; the ordered claims in Redis decide). It is not re-read
+        from the run: another task may have moved the annotation before this task's own post
+        landed, and a retry must still post. Untrusted when the run is not cibroker's: nothing is
+        posted, patched or deployed for it.
+        """
+        ref = self.trusted(obj)
         state = run_state(obj)
-        if not should_report(ref.reported, state):
+        last = ref.reported if reported == "annotation" else reported
+        if not should_report(last if isinstance(last, CommitState) else None, state):
             return None
         route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
         pipeline = route.pipeline if route else ref.route
@@ -434,7 +457,7 @@ class Orchestrator:
         if claimed is not state:
             return None  # a later state was reported meanwhile; its own report converges the annotation
         if state is CommitState.SUCCESS and ref.deploy:
-            self.on_success(obj)
+            self.on_success(ref)
         self.cluster.patch_pipelinerun(namespace=ref.namespace, name=ref.name,
                                        patch={"metadata": {"annotations": {pr.A_REPORTED: state.value}}})
         if is_final(state) and reported_now:
@@ -473,17 +496,53 @@ class Orchestrator:
         route = self.route(ref.route)
         return [d for d in route.deploy if d.environment in ref.deploy]
 
-    def deploy(self, ref: RunRef, environment: str, *, token: str, attempt: int = 1, force: bool = False) -> str | None:
+    def deploy_image(self, ref: RunRef, obj: Mapping[str, Any]) -> tuple[str, str | None]:
+        """(image to set, digest or None): `<route's repository>@sha256:...` from the run's results, or the tag.
+
+        The repository always comes from the routing file; only the digest is read off the run,
+        and only in its strict form. Permanent when the route deploys by digest and the run
+        reports none.
+        """
+        route = self.route(ref.route)
+        digest = image_digest(obj)
+        if route.deploy_by == "tag":
+            return ref.image, digest
+        if digest is None:
+            raise Permanent(f"not deployed: route {route.name} deploys by digest and PipelineRun {ref.key} reports no valid "
+                            "image digest (pipeline result image-digest = sha256:<64 hex>); set deploy_by: tag to deploy the tag")
+        return f"{repository_of(ref.image)}@{digest}", digest
+
+    def request(self, request_id: str, *, action: str, namespace: str, name: str, environment: str = "",
+                attempt: int | None = None) -> PersonRequest:
+        """A person's signed request, checked against what the task says it is for; Untrusted otherwise."""
+        request = verify_request(self.key, self.store.get_request(request_id), request_id=request_id)
+        wanted = {"action": action, "namespace": namespace, "name": name}
+        if action == "deploy":
+            wanted.update(environment=environment, attempt=attempt)
+        got = {k: getattr(request, k) for k in wanted}
+        if got != wanted:
+            differ = ", ".join(f"{k} {got[k]!r} != {wanted[k]!r}" for k in wanted if got[k] != wanted[k])
+            raise Untrusted(f"request {request_id[:40]!r} was signed for another action ({differ})")
+        return request
+
+    def deploy(self, ref: RunRef, environment: str, *, token: str, obj: Mapping[str, Any], attempt: int = 1,
+               request: PersonRequest | None = None, give_up: bool = True) -> str | None:
         """Roll the run's image out to `environment`; returns the deployment to watch, or None when done.
 
-        `attempt` > 1 is a person's re-deploy (its statuses start a new history); `force` skips the
-        ancestry guard, because a person deploying an older build on purpose (a rollback) means it.
+        `attempt` > 1 is a person's re-deploy (its statuses start a new history) and comes with
+        their signed `request`; only that request's `force` skips the ancestry guard (a person
+        deploying an older build on purpose, a rollback, means it). The guard fails closed:
+        when it cannot tell (git error, unreadable remote, no credential), the deploy is refused.
+        `give_up` False lets a Transient git error be retried by the task first.
         """
         scope = deploy_scope(attempt)
+        force = request is not None and request.force
         target = next((d for d in self.deploy_targets(ref) if d.environment == environment), None)
         if target is None:
             raise Permanent(f"route {ref.route} has no deploy to {environment!r} for {ref.ref}")
         status = f"deploy/{environment}"
+        image, digest = self.deploy_image(ref, obj)
+        label = image_label(ref.image, digest)
         deployment = self.cluster.get_deployment(namespace=target.namespace, name=target.deployment)
         if deployment is None:
             raise Permanent(f"deployment {target.namespace}/{target.deployment} not found")
@@ -491,48 +550,68 @@ class Orchestrator:
         if current_image is None:
             raise Permanent(f"deployment {target.namespace}/{target.deployment} has no container {target.container!r}")
         deployed = ((deployment.get("metadata") or {}).get("annotations") or {}).get(A_DEPLOYED_SHA, "")
-        if current_image == ref.image:
+        if current_image == image:
             return target.deployment  # already patched (by us before a crash, or an earlier run): follow the rollout
-        if deployed and deployed != ref.sha and not force and self._older_than_deployed(ref, deployed, environment):
-            reason = f"not deployed: {ref.sha[:8]} is older than {deployed[:8]}, which {environment} already runs"
-            self.report(ref, CommitState.CANCELED, reason, token=token, name=status, scope=scope)
-            self._log(ref.delivery_id, "deploy_refused", reason)
-            self._count_deploy(environment, "refused")
-            return None
+        if deployed and deployed != ref.sha and not force:
+            older = self._older_than_deployed(ref, deployed, environment, give_up=give_up)
+            if older is None or older:
+                if older:
+                    reason = f"not deployed: {ref.sha[:8]} is older than {deployed[:8]}, which {environment} already runs"
+                    state = CommitState.CANCELED
+                else:
+                    reason = (f"not deployed: cannot tell whether {ref.sha[:8]} is older than {deployed[:8]}, which "
+                              f"{environment} runs; fix git access or re-deploy with --deploy-only --force")
+                    state = CommitState.FAILED
+                self.report(ref, state, reason[:250], token=token, name=status, scope=scope)
+                self._log(ref.delivery_id, "deploy_refused", reason)
+                self._count_deploy(environment, "refused")
+                return None
         if force and deployed and deployed != ref.sha:
-            self._log(ref.delivery_id, "deploy_forced", f"{environment}: deploying {ref.sha[:8]} over {deployed[:8]} on request "
-                      "(the ancestry guard does not apply to a person's re-deploy)")
-        self.report(ref, CommitState.RUNNING, f"rolling {target.deployment} out to {ref.sha[:8]}", token=token, name=status,
-                    scope=scope)
+            assert request is not None
+            self._log(ref.delivery_id, "deploy_forced", f"{environment}: deploying {ref.sha[:8]} over {deployed[:8]} on "
+                      f"{request.actor}'s request via {request.channel} (the ancestry guard does not apply to a person's "
+                      "forced re-deploy)" + (f": {request.reason}" if request.reason else ""), by=request.actor)
+        self.report(ref, CommitState.RUNNING, f"rolling {target.deployment} out to {ref.sha[:8]} ({label})"[:250],
+                    token=token, name=status, scope=scope)
         self.cluster.patch_deployment(namespace=target.namespace, name=target.deployment, patch=set_image_patch(
-            container=target.container, image=ref.image,
+            container=target.container, image=image,
             change_cause=f"cibroker: {ref.repo}@{ref.sha[:8]} ({ref.short_ref}) from PipelineRun {ref.key}",
             annotations={A_DEPLOYED_SHA: ref.sha, A_PREVIOUS_IMAGE: current_image, A_PREVIOUS_SHA: deployed},
         ))
         self._log(ref.delivery_id, "deploy_started",
-                  f"{environment}: {target.namespace}/{target.deployment} container {target.container} {current_image} -> {ref.image}")
+                  f"{environment}: {target.namespace}/{target.deployment} container {target.container} {current_image} -> "
+                  f"{image} ({label})", image=image, tag=ref.image, digest=digest or "")
         return target.deployment
 
-    def _older_than_deployed(self, ref: RunRef, deployed: str, environment: str) -> bool:
-        """Is the run's commit an ancestor of the deployed one? Unknown history (e.g. force-pushed away) is not a veto."""
+    def _older_than_deployed(self, ref: RunRef, deployed: str, environment: str, *, give_up: bool) -> bool | None:
+        """Is the run's commit an ancestor of the deployed one? None when git cannot tell (the caller refuses)."""
         try:
             return self.resolver.is_ancestor(clone_url=ref.clone_url, ancestor=ref.sha, descendant=deployed,
-                                             auth=self.git_auth(ref.host))
+                                             auth=self.git_auth(ref.host, ref.clone_url))
+        except Transient as exc:
+            if not give_up:
+                raise
+            problem = exc
         except Permanent as exc:
-            self._log(ref.delivery_id, "ancestry_unknown",
-                      f"{environment}: cannot tell whether {ref.sha[:8]} is older than {deployed[:8]} ({exc}); deploying")
-            return False
+            problem = exc
+        self._log(ref.delivery_id, "ancestry_unknown",
+                  f"{environment}: cannot tell whether {ref.sha[:8]} is older than {deployed[:8]} ({problem}); refusing")
+        return None
 
-    def check_rollout(self, ref: RunRef, environment: str, *, deadline: float, token: str, attempt: int = 1) -> bool:
+    def check_rollout(self, ref: RunRef, environment: str, *, deadline: float, token: str, obj: Mapping[str, Any],
+                      attempt: int = 1) -> bool:
         """True when the rollout is over (reported success, or failed and rolled back)."""
         scope = deploy_scope(attempt)
-        target = next(d for d in self.deploy_targets(ref) if d.environment == environment)
+        target = next((d for d in self.deploy_targets(ref) if d.environment == environment), None)
+        if target is None:
+            raise Permanent(f"route {ref.route} has no deploy to {environment!r} for {ref.ref}")
         status = f"deploy/{environment}"
+        image, digest = self.deploy_image(ref, obj)
         deployment = self.cluster.get_deployment(namespace=target.namespace, name=target.deployment)
         if deployment is None:
             raise Permanent(f"deployment {target.namespace}/{target.deployment} disappeared during the rollout")
         current = container_image(deployment, target.container)
-        if current != ref.image:
+        if current != image:
             # A newer deploy (or a person) changed the image while this one rolled out: this rollout is over,
             # and following the Deployment any further would report on somebody else's image.
             newer = ((deployment.get("metadata") or {}).get("annotations") or {}).get(A_DEPLOYED_SHA, "")
@@ -543,8 +622,8 @@ class Orchestrator:
             return True
         rollout = rollout_status(deployment)
         if rollout.state is Rollout.COMPLETE:
-            if self.report(ref, CommitState.SUCCESS, f"{environment} runs {ref.sha[:8]}: {rollout.message}", token=token,
-                           name=status, scope=scope):
+            if self.report(ref, CommitState.SUCCESS, f"{environment} runs {ref.sha[:8]} ({image_label(ref.image, digest)}): "
+                           f"{rollout.message}"[:250], token=token, name=status, scope=scope):
                 self._count_deploy(environment, "success")
             self._log(ref.delivery_id, "deploy_succeeded", f"{environment}: {rollout.message}")
             return True
@@ -554,7 +633,7 @@ class Orchestrator:
         annotations = (deployment.get("metadata") or {}).get("annotations") or {}
         previous = annotations.get(A_PREVIOUS_IMAGE)
         outcome = "failed"
-        if previous and container_image(deployment, target.container) == ref.image:
+        if previous and container_image(deployment, target.container) == image:
             outcome = "rolled_back"
             self.cluster.patch_deployment(namespace=target.namespace, name=target.deployment, patch=set_image_patch(
                 container=target.container, image=previous,
@@ -567,8 +646,34 @@ class Orchestrator:
         self._log(ref.delivery_id, "deploy_failed", f"{environment}: {reason}")
         return True
 
+    # ---- a person's cancel (cibroker.cancel_run) ------------------------------------------------
+
+    def cancel_run(self, request: PersonRequest) -> str:
+        """Cancel the run a verified cancel request names; returns the spec.status set. Refuses what is not ours or finished."""
+        obj = self.cluster.get_pipelinerun(namespace=request.namespace, name=request.name)
+        if obj is None:
+            raise Permanent(f"PipelineRun {request.run} is not in the cluster (deleted?)")
+        ref = self.trusted(obj)
+        if is_final(run_state(obj)):
+            raise Permanent(f"PipelineRun {request.run} already ended ({run_state(obj).value})")
+        route = self.route(ref.route)
+        self.cluster.patch_pipelinerun(namespace=ref.namespace, name=ref.name, patch={
+            "spec": {"status": route.cancel_status},
+            "metadata": {"annotations": {A_CANCELLED_BY: request.actor[:100], A_CANCEL_REASON: request.reason[:200]}},
+        })
+        self._log(ref.delivery_id, "cancel_requested", f"PipelineRun {ref.key} cancelled ({route.cancel_status}) by "
+                  f"{request.actor} via {request.channel}" + (f": {request.reason}" if request.reason else ""),
+                  by=request.actor, channel=request.channel)
+        return route.cancel_status
+
     def _count_deploy(self, environment: str, outcome: str) -> None:
         self.store.count(metrics.DEPLOYS.name, metrics.DEPLOYS.field((environment, outcome)))
+
+
+def image_label(tag_image: str, digest: str | None) -> str:
+    """`tag 1111aaaa, digest sha256:...`: what a deploy's status and log say it rolled out."""
+    tag = tag_image.rsplit("/", 1)[-1].split(":", 1)[-1]
+    return f"tag {tag[:40]}" + (f", digest {digest}" if digest else ", no digest")
 
 
 def deploy_scope(attempt: int) -> str:

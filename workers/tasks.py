@@ -1,38 +1,55 @@
 """Celery tasks: thin, idempotent wrappers over `workers.orchestration.Orchestrator`.
 
-Ids and small snapshots in; the work lives in the orchestrator. Every task is
-acks_late + reject_on_worker_lost (a killed worker's task is redelivered with the
-same id, which is also the token its status claims are made with). Transient errors
-retry with capped exponential backoff and full jitter, or after the peer's
-Retry-After; Permanent errors end the task with a reason in the delivery log.
+Ids in, never object snapshots: a task names a delivery, a run (namespace, name) or a
+person's signed request, and re-reads what it acts on (the run from the API, the delivery
+and the request from Redis) before acting. Anyone who can write to the Redis queue can
+push a message, so a message is a request to look, never an order: a run that is not
+cibroker's, a request that is not signed, or a message of an old or unknown shape is
+refused with one warning line and a metric (`cibroker_refused_tasks`).
+
+Every task is acks_late + reject_on_worker_lost (a killed worker's task is redelivered
+with the same id, which is also the token its status claims are made with). Transient
+errors retry with capped exponential backoff and full jitter, or after the peer's
+Retry-After; Permanent errors end the task with a reason in the delivery log. Anything
+else (a bug, a malformed stored record) marks the delivery `failed` with the exception
+class in its decision log, posts a failed status when it can, and is not retried: the
+stranded-delivery sweep only re-queues `queued` deliveries, so no poison message loops.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import structlog
 from celery import Celery, Task
+from celery.exceptions import Retry
 
-from broker.delivery import DEPLOY_TASK, PROCESS_TASK
-from broker.pipelinerun import snapshot
 from broker import metrics
-from broker.errors import Permanent, Transient
+from broker.delivery import DEPLOY_TASK, PROCESS_TASK
+from broker.errors import CibrokerError, Permanent, Transient, Untrusted
 from broker.logging import get_logger
 from broker.ports import CommitState
-from workers.orchestration import Orchestrator, RunRef, deploy_scope
+from broker.provenance import RunFacts
+from broker.reporting import parse_state, run_state
+from broker.trust import verify_request
+from workers.orchestration import Orchestrator, deploy_scope
 
 log = get_logger("cibroker.worker")
 REPORT_TASK = "cibroker.report_run"
 ROLLOUT_TASK = "cibroker.check_rollout"
+CANCEL_TASK = "cibroker.cancel_run"
 MAX_RETRIES = 40
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 ROLLOUT_POLL_SECONDS = 2.0
+ANCESTRY_RETRIES = 3  # a Transient git error in the ancestry check is retried this often, then the deploy is refused
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
 
 @contextmanager
@@ -63,7 +80,36 @@ def retrying(task: Task, what: str, count: Callable[[list[tuple[str, str, float]
         raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from None
 
 
-def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callable[[Mapping[str, Any]], None]:
+class Refused(Exception):
+    """A task message we will not act on; `reason` is one of metrics.REFUSALS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def run_ids(args: tuple[Any, ...], what: str) -> tuple[str, str]:
+    """(namespace, name) from a message's first two arguments; Refused for a snapshot dict or anything else."""
+    if args and isinstance(args[0], dict):
+        raise Refused("old_message_shape", f"{what}: the message carries a PipelineRun snapshot (the old shape); tasks take "
+                      "(namespace, name) and re-read the run: not acted on")
+    if len(args) < 2 or not all(isinstance(a, str) and _NAME.match(a) for a in args[:2]):
+        raise Refused("bad_arguments", f"{what}: expected (namespace, name, ...) as strings, got {_shape(args)}")
+    return args[0], args[1]
+
+
+def _shape(args: tuple[Any, ...]) -> str:
+    return "(" + ", ".join(type(a).__name__ for a in args[:6]) + ")"
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise Refused("bad_arguments", f"{what}: attempt must be a positive integer, got {type(value).__name__}")
+    return value
+
+
+def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callable[[RunFacts], None]:
     """Register the tasks; returns the function that enqueues a succeeded run's deploys.
 
     `orchestrator` returns the (per worker process) service with its adapters.
@@ -76,53 +122,190 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
         except Transient:  # a metric is not worth failing or delaying the task for
             pass
 
+    def refused(task: str, exc: Refused | Untrusted, *, reason: str | None = None, **fields: Any) -> None:
+        why = reason or (exc.reason if isinstance(exc, Refused) else "untrusted_run")
+        log.warning("task_refused", task=task, reason=why, detail=str(exc), **fields)
+        count([(metrics.REFUSED_TASKS.name, metrics.REFUSED_TASKS.field((task.removeprefix("cibroker."), why)), 1.0)])
+
+    @contextmanager
+    def guarded(task: Task, *, delivery_id: Callable[[], str], post: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Unexpected exceptions: mark the delivery failed (exception class in its log), post failed, never retry."""
+        try:
+            yield
+        except (Retry, CibrokerError):
+            raise
+        except Exception as exc:  # noqa: BLE001 (this is the poison-message boundary)
+            error_class = type(exc).__name__
+            reason = f"{task.name}: unexpected {error_class}: {str(exc)[:200]}; not retried (a bug or a malformed record)"
+            log.error("task_crashed", task=task.name, error_class=error_class, error=str(exc)[:200])
+            count([(metrics.TASK_CRASHES.name, metrics.TASK_CRASHES.field((task.name.removeprefix("cibroker."),)), 1.0)])
+            try:
+                orch = orchestrator()
+                if post is not None:
+                    post(reason)
+                if delivery_id():
+                    orch.mark_failed(delivery_id(), reason, error_class=error_class)
+            except Exception as again:  # noqa: BLE001 (Redis or the host away as well: the log line above stays)
+                log.error("task_crash_not_recorded", task=task.name, error_class=type(again).__name__, error=str(again)[:200])
+
     @app.task(name=PROCESS_TASK, **common)
     def process_delivery(self: Task, delivery_id: str, attempt: int = 1) -> list[str]:
-        with bound(delivery_id=delivery_id, task="process_delivery"), retrying(self, f"delivery {delivery_id}", count):
-            return orchestrator().start(delivery_id, attempt=attempt, token=self.request.id)
+        if not isinstance(delivery_id, str) or not _ID.match(delivery_id):
+            refused(PROCESS_TASK, Refused("bad_arguments", f"delivery id must be a string id, got {type(delivery_id).__name__}"))
+            return []
+        orch = orchestrator()
+        with bound(delivery_id=delivery_id, task="process_delivery"), \
+                guarded(self, delivery_id=lambda: delivery_id, post=lambda reason: orch.fail_delivery(delivery_id, reason)), \
+                retrying(self, f"delivery {delivery_id}", count):
+            return orch.start(delivery_id, attempt=attempt if isinstance(attempt, int) else 1, token=self.request.id)
+        return []  # crashed: recorded by `guarded`
+
+    def trusted_run(task: str, namespace: str, name: str) -> tuple[dict[str, Any], RunFacts] | None:
+        """The run re-read from the API and its facts, or None (refused with a reason)."""
+        orch = orchestrator()
+        obj = orch.cluster.get_pipelinerun(namespace=namespace, name=name)
+        if obj is None:
+            refused(task, Refused("run_not_found", f"PipelineRun {namespace}/{name} is not in the cluster"))
+            return None
+        verdict, _ = orch.verdict(obj)
+        if verdict.facts is None:
+            refused(task, Untrusted(verdict.detail), reason="untrusted_run", run_reason=verdict.reason)
+            count([(metrics.UNTRUSTED_RUNS.name, metrics.UNTRUSTED_RUNS.field((verdict.reason,)), 1.0)])
+            return None
+        return dict(obj), verdict.facts
 
     @app.task(name=REPORT_TASK, **common)
-    def report_run(self: Task, obj: dict[str, Any]) -> str | None:
-        ref = RunRef.of(obj)
-        with bound(delivery_id=ref.delivery_id, run=ref.key, task="report_run"), retrying(self, f"report {ref.key}", count):
-            try:
-                state = orchestrator().observe(obj, token=self.request.id)
-            except Permanent as exc:
-                log.warning("report_failed", error=str(exc))
+    def report_run(self: Task, *args: Any) -> str | None:
+        try:
+            namespace, name = run_ids(args, REPORT_TASK)
+        except Refused as exc:
+            refused(REPORT_TASK, exc)
+            return None
+        orch = orchestrator()
+        facts: list[RunFacts] = []
+        with bound(run=f"{namespace}/{name}", task="report_run"), \
+                guarded(self, delivery_id=lambda: facts[0].delivery_id if facts else "",
+                        post=lambda reason: facts and orch.report(facts[0], CommitState.FAILED, reason[:250], token=self.request.id)), \
+                retrying(self, f"report {namespace}/{name}", count):
+            found = trusted_run(REPORT_TASK, namespace, name)
+            if found is None:
                 return None
-        return state.value if state else None
+            obj, ref = found
+            facts.append(ref)
+            with bound(delivery_id=ref.delivery_id):
+                hint = parse_state(args[2]) if len(args) > 2 and isinstance(args[2], str) else None
+                try:
+                    state = orch.observe(obj, token=self.request.id, reported=hint)
+                except Permanent as exc:
+                    log.warning("report_failed", error=str(exc))
+                    return None
+            return state.value if state else None
+        return None
 
     @app.task(name=DEPLOY_TASK, **common)
-    def deploy(self: Task, obj: dict[str, Any], environment: str, attempt: int = 1, force: bool = False) -> None:
-        ref = RunRef.of(obj)
+    def deploy(self: Task, *args: Any) -> None:
+        """args: namespace, name, environment, attempt (1: the automatic deploy), request_id ("" for the automatic one)."""
+        try:
+            namespace, name = run_ids(args, DEPLOY_TASK)
+            environment = args[2] if len(args) > 2 else None
+            if not isinstance(environment, str) or not _NAME.match(environment):
+                raise Refused("bad_arguments", f"{DEPLOY_TASK}: environment must be a name, got {_shape(args)}")
+            attempt = _int(args[3] if len(args) > 3 else 1, DEPLOY_TASK)
+            request_id = args[4] if len(args) > 4 else ""
+            if not isinstance(request_id, str) or len(args) > 5:
+                raise Refused("bad_arguments", f"{DEPLOY_TASK}: expected (namespace, name, environment, attempt, request_id), "
+                              f"got {_shape(args)}")
+        except Refused as exc:
+            refused(DEPLOY_TASK, exc)
+            return
         orch = orchestrator()
         scope = deploy_scope(attempt)
-        with bound(delivery_id=ref.delivery_id, run=ref.key, environment=environment, task="deploy"):
+        facts: list[RunFacts] = []
+        status = f"deploy/{environment}"
+        with bound(run=f"{namespace}/{name}", environment=environment, task="deploy"), \
+                guarded(self, delivery_id=lambda: facts[0].delivery_id if facts else "",
+                        post=lambda reason: facts and orch.report(facts[0], CommitState.FAILED, reason[:250], token=self.request.id,
+                                                                  name=status, scope=scope)):
+            with retrying(self, f"deploy {namespace}/{name} to {environment}", count):
+                found = trusted_run(DEPLOY_TASK, namespace, name)
+            if found is None:
+                return
+            obj, ref = found
+            facts.append(ref)
+            structlog.contextvars.bind_contextvars(delivery_id=ref.delivery_id)
+            request = None
+            if attempt > 1 or request_id:
+                try:
+                    with retrying(self, f"request {request_id[:40]}", count):
+                        request = orch.request(request_id, action="deploy", namespace=namespace, name=name,
+                                               environment=environment, attempt=attempt)
+                except Untrusted as exc:
+                    refused(DEPLOY_TASK, exc, reason="untrusted_request")
+                    reason = f"{environment}: not deployed: {exc}"
+                    orch.note(ref.delivery_id, "deploy_refused", reason)
+                    if attempt > 1:  # a person's re-deploy has its own status history; the automatic one is left alone
+                        with retrying(self, f"deploy {ref.key} to {environment}", count):
+                            orch.report(ref, CommitState.FAILED, reason[:250], token=self.request.id, name=status, scope=scope)
+                    return
+            if run_state(obj) is not CommitState.SUCCESS:
+                refused(DEPLOY_TASK, Refused("not_succeeded", f"PipelineRun {ref.key} is {run_state(obj).value}, not succeeded: "
+                                             "nothing built to deploy"))
+                return
             if not orch.store.claim_once(f"deploy:{ref.key}:{environment}{scope}", token=self.request.id, ttl=30 * 86400):
                 log.info("deploy_already_claimed")
                 return
             with retrying(self, f"deploy {ref.key} to {environment}", count):
                 try:
-                    watching = orch.deploy(ref, environment, token=self.request.id, attempt=attempt, force=force)
+                    watching = orch.deploy(ref, environment, token=self.request.id, obj=obj, attempt=attempt, request=request,
+                                           give_up=self.request.retries >= ANCESTRY_RETRIES)
+                except Permanent as exc:
+                    orch.note(ref.delivery_id, "deploy_failed", f"{environment}: {exc}")
+                    orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id, name=status,
+                                scope=scope)
+                    return
+                if watching is not None:
+                    orch.store.set_deadline(f"{ref.key}:{environment}{scope}",
+                                            deadline=time.time() + orch.settings.routing.defaults.rollout_timeout_seconds,
+                                            ttl=2 * orch.settings.routing.defaults.rollout_timeout_seconds + 3600)
+            if watching is not None:
+                check_rollout.apply_async(args=[namespace, name, environment, attempt], countdown=ROLLOUT_POLL_SECONDS)
+
+    @app.task(name=ROLLOUT_TASK, **common)
+    def check_rollout(self: Task, *args: Any) -> None:
+        """args: namespace, name, environment, attempt. The deadline is the one the deploy stored, not the message's."""
+        try:
+            namespace, name = run_ids(args, ROLLOUT_TASK)
+            environment = args[2] if len(args) > 2 else None
+            if not isinstance(environment, str) or not _NAME.match(environment) or len(args) > 4:
+                raise Refused("bad_arguments", f"{ROLLOUT_TASK}: expected (namespace, name, environment, attempt), got {_shape(args)}")
+            attempt = _int(args[3] if len(args) > 3 else 1, ROLLOUT_TASK)
+        except Refused as exc:
+            refused(ROLLOUT_TASK, exc)
+            return
+        orch = orchestrator()
+        scope = deploy_scope(attempt)
+        facts: list[RunFacts] = []
+        with bound(run=f"{namespace}/{name}", environment=environment, task="check_rollout"), \
+                guarded(self, delivery_id=lambda: facts[0].delivery_id if facts else "",
+                        post=lambda reason: facts and orch.report(facts[0], CommitState.FAILED, reason[:250], token=self.request.id,
+                                                                  name=f"deploy/{environment}", scope=scope)):
+            with retrying(self, f"rollout of {namespace}/{name} to {environment}", count):
+                found = trusted_run(ROLLOUT_TASK, namespace, name)
+                if found is None:
+                    return
+                obj, ref = found
+                facts.append(ref)
+                deadline = orch.store.deadline(f"{ref.key}:{environment}{scope}")
+                if deadline is None:
+                    refused(ROLLOUT_TASK, Refused("bad_arguments", f"no deploy of {ref.key} to {environment} (attempt {attempt}) "
+                                                  "is under way"))
+                    return
+                try:
+                    done = orch.check_rollout(ref, environment, deadline=deadline, token=self.request.id, obj=obj,
+                                              attempt=attempt)
                 except Permanent as exc:
                     orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id,
                                 name=f"deploy/{environment}", scope=scope)
-                    return
-            if watching is not None:
-                deadline = time.time() + orch.settings.routing.defaults.rollout_timeout_seconds
-                check_rollout.apply_async(args=[obj, environment, deadline, attempt], countdown=ROLLOUT_POLL_SECONDS)
-
-    @app.task(name=ROLLOUT_TASK, **common)
-    def check_rollout(self: Task, obj: dict[str, Any], environment: str, deadline: float, attempt: int = 1) -> None:
-        ref = RunRef.of(obj)
-        orch = orchestrator()
-        with bound(delivery_id=ref.delivery_id, run=ref.key, environment=environment, task="check_rollout"):
-            with retrying(self, f"rollout of {ref.key} to {environment}", count):
-                try:
-                    done = orch.check_rollout(ref, environment, deadline=deadline, token=self.request.id, attempt=attempt)
-                except Permanent as exc:
-                    orch.report(ref, CommitState.FAILED, f"{environment}: {exc}"[:250], token=self.request.id,
-                                name=f"deploy/{environment}", scope=deploy_scope(attempt))
                     return
             if not done:
                 # Celery reads max_retries=None as "the task's default (3)", which would drop a rollout that takes
@@ -130,8 +313,34 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
                 polls_left = int(max(0.0, deadline - time.time()) / ROLLOUT_POLL_SECONDS) + 10
                 raise self.retry(countdown=ROLLOUT_POLL_SECONDS, max_retries=self.request.retries + polls_left)
 
-    def enqueue_deploys(obj: Mapping[str, Any]) -> None:
-        for environment in RunRef.of(obj).deploy:
-            deploy.apply_async(args=[snapshot(obj), environment])
+    @app.task(name=CANCEL_TASK, **common)
+    def cancel_run(self: Task, *args: Any) -> str | None:
+        """args: request_id of a person's signed cancel request (broker.trust.PersonRequest, action "cancel")."""
+        if len(args) != 1 or not isinstance(args[0], str) or not _ID.match(args[0]):
+            refused(CANCEL_TASK, Refused("bad_arguments", f"{CANCEL_TASK}: expected (request_id), got {_shape(args)}"))
+            return None
+        request_id = args[0]
+        orch = orchestrator()
+        with bound(request=request_id, task="cancel_run"), guarded(self, delivery_id=lambda: ""), \
+                retrying(self, f"cancel request {request_id}", count):
+            try:
+                request = verify_request(orch.key, orch.store.get_request(request_id), request_id=request_id)
+                if request.action != "cancel":
+                    raise Untrusted(f"request {request_id[:40]!r} is a {request.action} request, not a cancel")
+            except Untrusted as exc:
+                refused(CANCEL_TASK, exc, reason="untrusted_request")
+                return None
+            with bound(run=request.run, by=request.actor):
+                try:
+                    return orch.cancel_run(request)
+                except Untrusted as exc:
+                    refused(CANCEL_TASK, exc, reason="untrusted_run")
+                except Permanent as exc:
+                    refused(CANCEL_TASK, Refused("finished", str(exc)))
+        return None
+
+    def enqueue_deploys(ref: RunFacts) -> None:
+        for environment in ref.deploy:
+            deploy.apply_async(args=[ref.namespace, ref.name, environment, 1, ""])
 
     return enqueue_deploys

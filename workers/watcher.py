@@ -6,9 +6,13 @@ stream error -> reconnect with capped, jittered backoff. Every `resync_seconds` 
 stream ends and the namespace is listed again, so a missed event or a restart never
 leaves a commit pending. Connections are O(namespaces), not O(runs).
 
-The watcher itself posts nothing: it submits a snapshot of each run whose state moved
-past what its annotation says was reported, and a Celery task reports it. Two
-watchers are safe: reports are claimed in order, so duplicates are no-ops.
+The watcher itself posts nothing: it submits the id (namespace, name) of each run whose
+state moved past what its annotation says was reported, and a Celery task re-reads the run
+and reports it. Two watchers are safe: reports are claimed in order, so duplicates are no-ops.
+
+Only runs that are cibroker's are submitted (`trust`: broker.provenance, one Redis read per
+run, then cached); a forged or altered run is ignored with one warning line and a metric,
+however many events it makes.
 
 A run is submitted once per state; a resync submits it again only when that report has
 not landed within `resubmit_seconds` (a report that failed for good). Resubmitting on
@@ -46,6 +50,7 @@ class Watcher:
         sleep: Callable[[float], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sweep: Callable[[], int] | None = None,
+        trust: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> None:
         self.cluster = cluster
         self.namespaces = sorted(set(namespaces))
@@ -58,7 +63,8 @@ class Watcher:
         self._clock = clock
         self._submitted: dict[str, tuple[CommitState, float]] = {}  # run -> (state submitted, when)
         self.sweep = sweep  # every resync period: deliveries whose task was lost are queued again
-        self.stats = {"lists": 0, "watches": 0, "events": 0, "submitted": 0, "expired": 0, "errors": 0}
+        self.trust = trust  # is this run cibroker's? (it logs and counts the ones that are not)
+        self.stats = {"lists": 0, "watches": 0, "events": 0, "submitted": 0, "expired": 0, "errors": 0, "untrusted": 0}
 
     def run(self) -> None:
         """Follow every namespace until `stop` is set (one thread per namespace)."""
@@ -132,6 +138,10 @@ class Watcher:
             previous = self._submitted.get(key)
             if previous is not None and previous[0] is state and now - previous[1] < self.resubmit_seconds:
                 return  # submitted already; its report is queued or under way
+        if self.trust is not None and not self.trust(obj):  # Transient (Redis away): the stream backs off and replays
+            self.stats["untrusted"] += 1
+            return
+        with self._lock:
             self._submitted[key] = (state, now)
         try:
             self.submit(obj)

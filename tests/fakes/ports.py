@@ -95,8 +95,13 @@ class FakeCluster:
 
     # test-side helpers -------------------------------------------------------------
     def set_condition(self, namespace: str, name: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
+        """Move a run as Tekton would; on success it reports the shipped Pipelines' results (commit, image-digest)."""
+        from tests.fakes.tekton import results_of
+
         obj = self.runs[(namespace, name)]
         obj.setdefault("status", {})["conditions"] = [{"type": "Succeeded", "status": status, "reason": reason, "message": message}]
+        if status == "True":
+            obj["status"]["results" if obj.get("apiVersion", "").endswith("/v1") else "pipelineResults"] = results_of(obj)
         return copy.deepcopy(obj)
 
 
@@ -135,6 +140,8 @@ class FakeResolver:
         if before.strip("0"):
             self.ancestry.add((before, sha))
         self.branches[branch] = sha
+    ancestry_error: Exception | None = None  # raised by is_ancestor (git cannot tell), when set
+    asked: list[tuple[str, tuple[str, str] | None]] = field(default_factory=list)  # (clone URL, auth) of every call
 
     def resolve_branch(self, *, clone_url: str, branch: str, auth: tuple[str, str] | None) -> str:
         self.calls.append(("resolve_branch", branch))
@@ -157,6 +164,9 @@ class FakeResolver:
 
     def is_ancestor(self, *, clone_url: str, ancestor: str, descendant: str, auth: tuple[str, str] | None) -> bool:
         self.calls.append(("is_ancestor", f"{ancestor}..{descendant}"))
+        self.asked.append((clone_url, auth))
+        if self.ancestry_error is not None:
+            raise self.ancestry_error
         return self._reachable(ancestor, descendant)
 
     def _reachable(self, ancestor: str, descendant: str) -> bool:

@@ -6,7 +6,7 @@ says when a run starts, succeeds, fails or times out:
 
     sim = TektonSimulator(api)
     sim.start("ci", "run-1")      # Unknown/Running, startTime, first TaskRun + childReferences
-    sim.succeed("ci", "run-1")    # True/Succeeded, completionTime, every TaskRun Succeeded
+    sim.succeed("ci", "run-1")    # True/Succeeded, completionTime, every TaskRun Succeeded, pipeline results
     sim.fail("ci", "run-1", task="build")   # False/Failed, the build TaskRun False/Failed
     sim.time_out("ci", "run-1")   # False/PipelineRunTimeout
 
@@ -29,6 +29,22 @@ from tests.fakes.scheduler import Scheduler
 
 CANCEL_SPEC_VALUES = ("Cancelled", "CancelledRunFinally", "StoppedRunFinally")
 PENDING = "PipelineRunPending"
+
+
+def digest_of(image: str) -> str:
+    """The digest the fake registry gives the image a run pushed: deterministic per image reference."""
+    return "sha256:" + hashlib.sha256(image.encode()).hexdigest()
+
+
+def results_of(pr: Obj) -> list[dict[str, str]]:
+    """What the shipped Pipelines (deploy/tekton/pipelines) report on success: `commit` and `image-digest`."""
+    params = {p.get("name"): p.get("value") for p in (pr.get("spec") or {}).get("params") or []}
+    out = []
+    if params.get("git-revision"):
+        out.append({"name": "commit", "value": str(params["git-revision"])})
+    if params.get("image"):
+        out.append({"name": "image-digest", "value": digest_of(str(params["image"]))})
+    return out
 
 
 def condition(obj: Obj) -> Obj:
@@ -85,8 +101,14 @@ class TektonSimulator:
         tasks = self._tasks_of(pr)
         for task in tasks:
             self._finish_taskrun(pr, task, "True", "Succeeded", "All Steps have completed executing")
-        return self._write(namespace, name, lambda pr: _finish(pr, "True", "Succeeded",
-                                                                _progress(done=len(tasks), failed=0)))
+
+        def succeeded(pr: Obj) -> None:
+            # Tekton v1 reports pipeline results in status.results, v1beta1 in status.pipelineResults.
+            field = "results" if pr.get("apiVersion", "").endswith("/v1") else "pipelineResults"
+            if results := results_of(pr):
+                pr.setdefault("status", {})[field] = results
+            _finish(pr, "True", "Succeeded", _progress(done=len(tasks), failed=0))
+        return self._write(namespace, name, succeeded)
 
     def fail(self, namespace: str, name: str, *, task: str | None = None, reason: str = "Failed",
              message: str | None = None) -> Obj:
