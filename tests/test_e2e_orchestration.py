@@ -160,6 +160,6 @@ def test_an_old_push_delivered_late_never_cancels_the_newer_run(stack: Stack, ku
         stack.wait("old run canceled", lambda: stack.gitlab.states(SHA1, STATUS)[-1:] == ["canceled"])
         stack.wait("new run deployed", lambda: stack.gitlab.states(SHA2, "deploy/staging")[-1:] == ["success"])
     assert stack.gitlab.states(SHA2, STATUS) == ["pending", "running", "success"]
-    assert stack.image() == deployed_image(SHA2)  # deploys go by digest since issue 10
+    assert stack.image() == deployed_image(SHA2)
     assert any(e["step"] == "superseded" and "push chain" in e["detail"] for e in stack.delivery(old)["log"])
     assert not any(e["step"] == "superseded" for e in stack.delivery(new)["log"])

@@ -32,7 +32,7 @@ from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.rollout import RolloutSimulator
 from tests.fakes.tekton import TektonSimulator
 from tests.stack import DEPLOY_STATUS, STATUS, Stack, deployed_image
-from tests.support import SECRETS, make_settings
+from tests.support import SECRETS, GitOrigin, make_settings, template_origin
 from workers.tasks import CANCEL_TASK, REPORT_TASK
 
 pytestmark = pytest.mark.e2e
@@ -70,24 +70,16 @@ class Attacker:
 
 @dataclasses.dataclass
 class Origin:
-    path: Path
+    repo: GitOrigin
     c1: str
     c2: str
 
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Origin:
-    """A real repository: main is c1 -> c2, so c1 is older than c2 and git can say so."""
-    path = tmp_path / "origin"
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(path)]
-    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
-    shas = []
-    for n in (1, 2):
-        (path / "f").write_text(str(n))
-        subprocess.run([*git, "add", "f"], check=True)
-        subprocess.run([*git, "commit", "-qm", f"c{n}"], check=True)
-        shas.append(subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip())
-    return Origin(path, *shas)
+    """The Git host's real repository: commit 1 is the parent of commit 2, so git can say c1 is older."""
+    repo = template_origin().copy(tmp_path / "origin.git")
+    return Origin(repo, repo.sha(1), repo.sha(2))
 
 
 @pytest.fixture
@@ -99,7 +91,7 @@ def attacker() -> Iterator[Attacker]:
 
 @pytest.fixture
 def stack(tmp_path: Path, redis_url: str, kube: FakeKubeAPI, fake_gitlab_api: FakeGitLab, origin: Origin) -> Iterator[Stack]:
-    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, clone_url=f"file://{origin.path}")
+    s = Stack(tmp_path, redis_url, kube, fake_gitlab_api, origin=origin.repo)
     s.start_all()
     yield s
     s.stop()
