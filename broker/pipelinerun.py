@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -202,21 +201,4 @@ def render(
             },
         },
         "spec": spec,
-    }
-
-
-def run_identity(pipelinerun: Mapping[str, Any]) -> tuple[str, str]:
-    meta = pipelinerun.get("metadata", {})
-    return str(meta.get("namespace", "")), str(meta.get("name", ""))
-
-
-def snapshot(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a PipelineRun a task needs (metadata, spec.status, status conditions and times)."""
-    meta = obj.get("metadata") or {}
-    status = obj.get("status") or {}
-    return {
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations")},
-        "spec": {"status": (obj.get("spec") or {}).get("status")},
-        "status": {"conditions": status.get("conditions") or [], "startTime": status.get("startTime"),
-                   "completionTime": status.get("completionTime")},
     }

@@ -148,6 +148,14 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
             except Exception as again:  # noqa: BLE001 (Redis or the host away as well: the log line above stays)
                 log.error("task_crash_not_recorded", task=task.name, error_class=type(again).__name__, error=str(again)[:200])
 
+    def guarded_run(task: Task, facts: list[RunFacts], *, status: str | None = None, scope: str = "") -> Any:
+        """`guarded` for a task about one run: its delivery fails, and the failure is posted on `status` (the run's own by default)."""
+        def post(reason: str) -> None:
+            if facts:
+                orchestrator().report(facts[0], CommitState.FAILED, reason[:250], token=task.request.id, name=status, scope=scope)
+
+        return guarded(task, delivery_id=lambda: facts[0].delivery_id if facts else "", post=post)
+
     @app.task(name=PROCESS_TASK, **common)
     def process_delivery(self: Task, delivery_id: str, attempt: int = 1) -> list[str]:
         if not isinstance(delivery_id, str) or not _ID.match(delivery_id):
@@ -184,8 +192,7 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
         orch = orchestrator()
         facts: list[RunFacts] = []
         with bound(run=f"{namespace}/{name}", task="report_run"), \
-                guarded(self, delivery_id=lambda: facts[0].delivery_id if facts else "",
-                        post=lambda reason: facts and orch.report(facts[0], CommitState.FAILED, reason[:250], token=self.request.id)), \
+                guarded_run(self, facts), \
                 retrying(self, f"report {namespace}/{name}", count):
             found = trusted_run(REPORT_TASK, namespace, name)
             if found is None:
@@ -223,9 +230,7 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
         facts: list[RunFacts] = []
         status = f"deploy/{environment}"
         with bound(run=f"{namespace}/{name}", environment=environment, task="deploy"), \
-                guarded(self, delivery_id=lambda: facts[0].delivery_id if facts else "",
-                        post=lambda reason: facts and orch.report(facts[0], CommitState.FAILED, reason[:250], token=self.request.id,
-                                                                  name=status, scope=scope)):
+                guarded_run(self, facts, status=status, scope=scope):
             with retrying(self, f"deploy {namespace}/{name} to {environment}", count):
                 found = trusted_run(DEPLOY_TASK, namespace, name)
             if found is None:
@@ -286,9 +291,7 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
         scope = deploy_scope(attempt)
         facts: list[RunFacts] = []
         with bound(run=f"{namespace}/{name}", environment=environment, task="check_rollout"), \
-                guarded(self, delivery_id=lambda: facts[0].delivery_id if facts else "",
-                        post=lambda reason: facts and orch.report(facts[0], CommitState.FAILED, reason[:250], token=self.request.id,
-                                                                  name=f"deploy/{environment}", scope=scope)):
+                guarded_run(self, facts, status=f"deploy/{environment}", scope=scope):
             with retrying(self, f"rollout of {namespace}/{name} to {environment}", count):
                 found = trusted_run(ROLLOUT_TASK, namespace, name)
                 if found is None:
