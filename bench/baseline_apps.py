@@ -2,7 +2,7 @@
 
 Both are uvicorn factories, run by bench/ingest.py as
     python bench/baseline_apps.py baseline_apps:bare_app --port P --workers N
-which starts uvicorn with exactly the options `cibroker serve` sets (broker.serving).
+which starts uvicorn with exactly the options `cibroker serve` sets (broker.edge.serving).
 
 - `bare_app`: POST /hooks/{host_id} reads the body and answers 202 with a small JSON
   body. What Starlette + uvicorn cost with no work at all.
@@ -58,7 +58,7 @@ def durable_app() -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Same client options as broker.store.AsyncStore (2 s timeouts, no retry on timeout).
+        # Same client options as broker.adapters.redis_store.AsyncStore (2 s timeouts, no retry on timeout).
         client = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, retry_on_timeout=False)
         state["client"] = client
         state["accept"] = client.register_script(ACCEPT)
@@ -90,7 +90,7 @@ def main() -> None:
 
     import uvicorn
 
-    from broker import serving
+    from broker.edge import serving
 
     parser = argparse.ArgumentParser()
     parser.add_argument("factory")

@@ -297,7 +297,7 @@ def endpoints(names: list[str], *, workers: int, redis_url: str, tmp: Path) -> l
     routing.write_text(ROUTING)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIBROKER_", "GITLAB_", "GITHUB_", "GITEA_"))}
     # The baselines run through baseline_apps.py's launcher with exactly `cibroker serve`'s uvicorn options
-    # (broker.serving: the bounded httptools protocol, keep-alive, connection cap).
+    # (broker.edge.serving: the bounded httptools protocol, keep-alive, connection cap).
     uvicorn_opts = ["--workers", str(workers)]
     cibroker = Path(sys.executable).with_name("cibroker")
     if not cibroker.exists():
@@ -589,8 +589,8 @@ def main(argv: list[str]) -> int:
             "body_source": str(SOURCE_PAYLOAD.relative_to(ROOT)), "body_commits_kept": KEEP_COMMITS,
             "body_bytes": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
             "redis": "redis-server --appendonly yes --appendfsync everysec --save ''",
-            "uvicorn": "loop uvloop, http broker.serving:BoundedHttpToolsProtocol (httptools), access log off, log level "
-                       "warning, no server header, keep-alive 5 s, limit_concurrency 2048 (broker.serving.uvicorn_options)",
+            "uvicorn": "loop uvloop, http broker.edge.serving:BoundedHttpToolsProtocol (httptools), access log off, log level "
+                       "warning, no server header, keep-alive 5 s, limit_concurrency 2048 (broker.edge.serving.uvicorn_options)",
         },
     }
     print(header_text(info), flush=True)

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))  # tests.fakes, broker, config
+sys.path.insert(0, str(ROOT))  # tests.support.fakes, broker, config
 
 import httpx
 import kubernetes
@@ -74,12 +74,12 @@ from ingest import (
     tail,
 )
 
-from broker import pipelinerun as pr
-from tests.fakes.githost_api import GITLAB_TOKEN, FakeGitLab
-from tests.fakes.kube_api import FakeKubeAPI, Request
-from tests.fakes.kube_store import Change
-from tests.fakes.rollout import seed_service_account
-from tests.fakes.tekton import TektonSimulator, condition
+from broker.core import pipelinerun as pr
+from tests.support.fakes.githost_api import GITLAB_TOKEN, FakeGitLab
+from tests.support.fakes.kube_api import FakeKubeAPI, Request
+from tests.support.fakes.kube_store import Change
+from tests.support.fakes.rollout import seed_service_account
+from tests.support.fakes.tekton import TektonSimulator, condition
 from tests.support import GitOrigin
 
 SECRET = "bench-webhook-secret"
@@ -169,14 +169,14 @@ def versions() -> dict[str, str]:
     dirty = _run_text(["git", "-C", str(ROOT), "status", "--porcelain", "--", "broker", "workers", "config"])
     out["git"] = (rev if len(rev) < 20 and " " not in rev else "no commit") + (
         " (uncommitted changes in broker/ workers/ config/)" if dirty else "")
-    for source in ("workers/orchestration.py", "workers/watcher.py", "workers/tasks.py", "workers/kube.py"):
+    for source in ("broker/services/runs.py", "workers/watcher.py", "workers/tasks.py", "workers/adapters/kube.py"):
         with contextlib.suppress(OSError):  # which code was measured, even when it was not committed
             out[f"sha256 {source}"] = hashlib.sha256((ROOT / source).read_bytes()).hexdigest()[:12]
     return out
 
 
 def push_body(*, sha: str, branch: str) -> bytes:
-    """A GitLab push of one commit to a new branch (the corpus push, like tests/test_e2e_orchestration.py)."""
+    """A GitLab push of one commit to a new branch (the corpus push, like tests/e2e/test_e2e_orchestration.py)."""
     data = json.loads((ROOT / "tests" / "fixtures" / "corpus" / "gitlab" / "push-branch-update.json").read_text())
     data.update(ref=f"refs/heads/{branch}", before="0" * 40, after=sha, checkout_sha=sha, project_id=PROJECT_ID)
     data["object_kind"] = "push"
@@ -510,7 +510,7 @@ def official_client(kubeconfig: Path) -> kubernetes.client.CustomObjectsApi:
 
 
 class BareWatch(threading.Thread):
-    """The floor for "completion -> observed": the official client's raw watch stream (as workers/kube.py reads
+    """The floor for "completion -> observed": the official client's raw watch stream (as workers/adapters/kube.py reads
     it) on the watcher's namespace and selection, noting when each run's Succeeded event arrives."""
 
     def __init__(self, kubeconfig: Path, resource_version: str) -> None:

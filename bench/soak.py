@@ -1,6 +1,6 @@
 """Soak: thousands of deliveries with random worker kills, then count what the promise lost.
 
-Real `cibroker serve`, `cibroker worker` and `cibroker watcher` processes (tests/stack.py's
+Real `cibroker serve`, `cibroker worker` and `cibroker watcher` processes (tests/support/stack.py's
 Stack), a real redis-server (AOF, fsync always), the fake Kubernetes API moved by the Tekton
 and rollout simulators, the fake GitLab that enforces GitLab's commit-status state machine.
 
@@ -12,7 +12,7 @@ connection is resent later with the same key, as GitLab would. Every --kill-ever
 (jittered) the worker is killed with SIGKILL and started again.
 
 After the last delivery it waits (up to --drain s) for every run to end and be reported, then
-counts from the outside (tests/stack.py `measure`): deliveries accepted, PipelineRuns, runs
+counts from the outside (tests/support/stack.py `measure`): deliveries accepted, PipelineRuns, runs
 duplicated, deliveries lost (accepted, no run), commits left pending (a run ended, its commit
 status did not), statuses out of order, and accept latency percentiles.
 
@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from tests.fakes.githost_api import FakeGitLab  # noqa: E402
-from tests.fakes.kube_api import FakeKubeAPI  # noqa: E402
-from tests.fakes.rollout import RolloutSimulator  # noqa: E402
-from tests.fakes.tekton import TektonSimulator  # noqa: E402
-from tests.stack import Stack, hook_headers, measure, push_body  # noqa: E402
+from tests.support.fakes.githost_api import FakeGitLab  # noqa: E402
+from tests.support.fakes.kube_api import FakeKubeAPI  # noqa: E402
+from tests.support.fakes.rollout import RolloutSimulator  # noqa: E402
+from tests.support.fakes.tekton import TektonSimulator  # noqa: E402
+from tests.support.stack import Stack, hook_headers, measure, push_body  # noqa: E402
 from tests.support import GitOrigin, RedisServer  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from broker.errors import ConfigError
+from config.errors import ConfigError
 from config.routing import RoutingFile, SecretRef
 
 ENV_PREFIX = "CIBROKER_"
@@ -57,7 +57,7 @@ class EnvSettings(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api_tokens: SecretStr | None = None
-    # The broker's own HMAC key (broker.trust): signs the PipelineRuns cibroker creates and the
+    # The broker's own HMAC key (broker.core.trust): signs the PipelineRuns cibroker creates and the
     # requests people make through the on-call surface. Only cibroker's service accounts read it.
     signing_key: SecretStr | None = None
     signing_key_file: Path | None = None

@@ -32,9 +32,9 @@ fi
 # (it downloads a browser build of its own). Missing, only that test fails, saying why.
 if [ "$want_test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    apt_install chromium || echo "bootstrap: could not install chromium; tests/test_dashboard_browser.py will fail" >&2
+    apt_install chromium || echo "bootstrap: could not install chromium; tests/edge/test_dashboard_browser.py will fail" >&2
   else
-    echo "bootstrap: please install chromium (/usr/bin/chromium) for tests/test_dashboard_browser.py" >&2
+    echo "bootstrap: please install chromium (/usr/bin/chromium) for tests/edge/test_dashboard_browser.py" >&2
   fi
 fi
 

@@ -9,8 +9,8 @@ import redis
 from tests.support import RedisServer
 
 pytest_plugins = [
-    "tests.fakes.fixtures",  # kube_api, kube_client, kube_cluster, tekton, rollout
-    "tests.stack",  # fake_gitlab_api, kube, stack: the broker as processes against the fakes
+    "tests.support.fakes.fixtures",  # kube_api, kube_client, kube_cluster, tekton, rollout
+    "tests.support.stack",  # fake_gitlab_api, kube, stack: the broker as processes against the fakes
 ]
 
 

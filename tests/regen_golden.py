@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.test_sources_golden import corpus_payloads, golden_path, outcome
+from tests.support.corpus import corpus_payloads, golden_path, outcome
 
 
 def render(data: object) -> str:

@@ -1,4 +1,4 @@
-"""Celery tasks: thin, idempotent wrappers over `workers.orchestration.Orchestrator`.
+"""Celery tasks: thin, idempotent wrappers over `broker.services.runs.Orchestrator`.
 
 Ids in, never object snapshots: a task names a delivery, a run (namespace, name) or a
 person's signed request, and re-reads what it acts on (the run from the API, the delivery
@@ -29,15 +29,15 @@ import structlog
 from celery import Celery, Task
 from celery.exceptions import Retry
 
-from broker import metrics
-from broker.delivery import DEPLOY_TASK, PROCESS_TASK
-from broker.errors import CibrokerError, Permanent, Transient, Untrusted
+from broker.core import metrics
+from broker.core.records import DEPLOY_TASK, PROCESS_TASK
+from broker.core.errors import CibrokerError, Permanent, Transient, Untrusted
 from broker.logging import get_logger
-from broker.ports import CommitState
-from broker.provenance import RunFacts
-from broker.reporting import parse_state, run_state
-from broker.trust import verify_request
-from workers.orchestration import Orchestrator, deploy_scope
+from broker.core.status import CommitState
+from broker.services.provenance import RunFacts
+from broker.core.reporting import parse_state, run_state
+from broker.core.trust import verify_request
+from broker.services.runs import Orchestrator, deploy_scope
 
 log = get_logger("cibroker.worker")
 REPORT_TASK = "cibroker.report_run"
@@ -318,7 +318,7 @@ def register(app: Celery, *, orchestrator: Callable[[], Orchestrator]) -> Callab
 
     @app.task(name=CANCEL_TASK, **common)
     def cancel_run(self: Task, *args: Any) -> str | None:
-        """args: request_id of a person's signed cancel request (broker.trust.PersonRequest, action "cancel")."""
+        """args: request_id of a person's signed cancel request (broker.core.trust.PersonRequest, action "cancel")."""
         if len(args) != 1 or not isinstance(args[0], str) or not _ID.match(args[0]):
             refused(CANCEL_TASK, Refused("bad_arguments", f"{CANCEL_TASK}: expected (request_id), got {_shape(args)}"))
             return None

@@ -10,7 +10,7 @@ The watcher itself posts nothing: it submits the id (namespace, name) of each ru
 state moved past what its annotation says was reported, and a Celery task re-reads the run
 and reports it. Two watchers are safe: reports are claimed in order, so duplicates are no-ops.
 
-Only runs that are cibroker's are submitted (`trust`: broker.provenance, one Redis read per
+Only runs that are cibroker's are submitted (`trust`: broker.services.provenance, one Redis read per
 run, then cached); a forged or altered run is ignored with one warning line and a metric,
 however many events it makes.
 
@@ -26,13 +26,17 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
-from broker.errors import CibrokerError, Expired
+from broker.core.errors import CibrokerError, Expired
 from broker.logging import get_logger
-from broker.pipelinerun import SELECTOR
-from broker.ports import Cluster, CommitState
-from broker.reporting import is_final, parse_state, run_state, should_report
+from broker.core.pipelinerun import SELECTOR
+from broker.core.status import CommitState
+from broker.ports import Counters, RunLedger, RunWatch, Stranded
+from broker.services.provenance import RunVerifier, trust_filter
+from broker.services.sweep import sweeper
+from config.settings import Settings
+from broker.core.reporting import is_final, parse_state, run_state, should_report
 
 log = get_logger("cibroker.watcher")
 BACKOFF_CAP = 30.0
@@ -41,7 +45,7 @@ BACKOFF_CAP = 30.0
 class Watcher:
     def __init__(
         self,
-        cluster: Cluster,
+        cluster: RunWatch,
         namespaces: Iterable[str],
         *,
         submit: Callable[[Mapping[str, Any]], None],
@@ -150,3 +154,19 @@ class Watcher:
                 self._submitted.pop(key, None)
             raise
         self.stats["submitted"] += 1
+
+
+class WatcherStore(RunLedger, Counters, Stranded, Protocol):
+    """What the watcher reads and writes: run ownership (trust), counters, the stranded-delivery sweep."""
+
+
+def build_watcher(settings: Settings, cluster: RunWatch, *, store: WatcherStore,
+                  submit: Callable[[Mapping[str, Any]], None]) -> Watcher:
+    """The watcher the `watcher` and `dev` commands run: namespaces from the routing file, runs checked for
+    trust, and the stranded-delivery sweep every resync (`dev` too: kombu's window is the same on a laptop)."""
+    env = settings.env
+    verifier = RunVerifier(key=settings.require_signing_key(), routing=settings.routing, lookup=store.delivery_run)
+    namespaces = sorted({r.namespace or settings.routing.defaults.namespace for r in settings.routing.routes})
+    return Watcher(cluster, namespaces, submit=submit, resync_seconds=env.resync_seconds,
+                   sweep=sweeper(store, queue=env.queue, resync_seconds=env.resync_seconds),
+                   trust=trust_filter(verifier, store))

@@ -1,0 +1,1 @@
+"""Broker-side adapters: the one module per outside client (Redis, Celery's wire format, an embedded redis-server)."""

@@ -1,0 +1,1 @@
+"""The `cibroker` command: process start-up and the on-call verbs."""

@@ -1,0 +1,1 @@
+"""Services: what cibroker does, written against broker.ports; never imports an adapter."""

@@ -1,0 +1,1 @@
+"""Worker-side adapters: the only modules that import kubernetes, GitPython and httpx (for Git hosts)."""
