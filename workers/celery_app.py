@@ -18,6 +18,7 @@ from broker import bootstrap
 from broker.adapters.embedded_redis import kombu_url
 from broker.core.errors import StoreUnavailable
 from broker.core.pipelinerun import A_REPORTED
+from broker.core.records import REPORT_TASK
 from broker.services.runs import Orchestrator
 from config.settings import Settings
 from workers import tasks
@@ -64,7 +65,7 @@ def submitter(app: Celery) -> Callable[[Mapping[str, Any]], None]:
         try:
             # The third argument is the `reported` annotation the watcher saw: a hint, see Orchestrator.observe.
             hint = (meta.get("annotations") or {}).get(A_REPORTED) or ""
-            app.send_task(tasks.REPORT_TASK, args=[meta.get("namespace"), meta.get("name"), hint],
+            app.send_task(REPORT_TASK, args=[meta.get("namespace"), meta.get("name"), hint],
                           queue=app.conf.task_default_queue)
         except (OperationalError, OSError) as exc:  # the queue (Redis) is away: the watcher backs off and replays
             raise StoreUnavailable(f"cannot queue a status report: {type(exc).__name__}: {exc}") from exc

@@ -16,8 +16,13 @@ from typing import Any
 
 from broker.core.events import Identity, Ignored, PushEvent
 
-PROCESS_TASK = "cibroker.process_delivery"
-DEPLOY_TASK = "cibroker.deploy"  # queued by people too (rerun --deploy-only), so named here
+# The Celery task names: the public contract between whoever queues (the edge, the on-call side,
+# the watcher) and the workers (workers/tasks.py). Arguments are ids only.
+PROCESS_TASK = "cibroker.process_delivery"  # (delivery_id[, attempt])
+DEPLOY_TASK = "cibroker.deploy"  # (namespace, name, environment, attempt, request_id); people queue it too
+REPORT_TASK = "cibroker.report_run"  # (namespace, name[, reported hint])
+ROLLOUT_TASK = "cibroker.check_rollout"  # (namespace, name, environment, attempt)
+CANCEL_TASK = "cibroker.cancel_run"  # (request_id); its consumer verifies the request and patches the run
 # Headers worth keeping for the decision log; values are clipped. Credentials are never listed.
 KEPT_HEADERS = frozenset((
     "user-agent",

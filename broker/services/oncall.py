@@ -51,7 +51,6 @@ from config.settings import Settings
 
 A_CANCELLED_BY = f"{pr.GROUP}/cancelled-by"
 A_CANCEL_REASON = f"{pr.GROUP}/cancel-reason"
-CANCEL_TASK = "cibroker.cancel_run"  # args [request_id]; its consumer verifies the request and patches the run
 GIT_USERNAMES = {"gitlab": "oauth2", "github": "x-access-token", "gitea": "cibroker"}
 ATTEMPT_TTL = 90 * 86400
 SCAN_LIMIT = 20_000  # filtered listings look at most this many recent deliveries
@@ -808,7 +807,7 @@ class Operations:
                 "cancel_requested", f"cancel of PipelineRun {summary['run']} ({cancel_status}) requested by {actor.who} via "
                 f"{actor.channel}" + (f": {reason}" if reason else "") + "; queued for a worker",
                 at=now, by=actor.who, requests=[request.request_id]))
-        call = delivery.TaskCall(CANCEL_TASK, request.request_id, (request.request_id,), origin=f"cibroker-{actor.channel}")
+        call = delivery.TaskCall(delivery.CANCEL_TASK, request.request_id, (request.request_id,), origin=f"cibroker-{actor.channel}")
         self.store.enqueue(queue=self.settings.env.queue, call=call)
         return {"action": "cancel", "run": summary["run"], "requested": True, "request_id": request.request_id,
                 "spec_status": cancel_status, "by": actor.who, "reason": reason, "state": summary["state"]}

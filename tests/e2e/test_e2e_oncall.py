@@ -25,7 +25,7 @@ from tests.support.fakes.kube_api import FakeKubeAPI
 from tests.support.fakes.rollout import RolloutSimulator
 from tests.support.fakes.tekton import TektonSimulator
 from broker.core.records import DEPLOY_TASK
-from broker.services.oncall import CANCEL_TASK
+from broker.core.records import CANCEL_TASK
 from tests.support.fakes.githost_api import FakeGitLab
 from tests.support.stack import API_TOKEN, IMAGE, SHA1, STATUS, Stack
 from tests.support import CIBROKER, SECRETS, Process, base_env, free_port, payload, wait_healthy

@@ -33,7 +33,7 @@ from tests.support.fakes.rollout import RolloutSimulator
 from tests.support.fakes.tekton import TektonSimulator
 from tests.support.stack import DEPLOY_STATUS, STATUS, Stack, deployed_image
 from tests.support import SECRETS, GitOrigin, make_settings, template_origin
-from workers.tasks import CANCEL_TASK, REPORT_TASK
+from broker.core.records import CANCEL_TASK, REPORT_TASK
 
 pytestmark = pytest.mark.e2e
 KEY = SECRETS["CIBROKER_SIGNING_KEY"].encode()

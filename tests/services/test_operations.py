@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from broker.core import pipelinerun as pr
 from broker.core.records import DEPLOY_TASK, PROCESS_TASK
 from broker.core.errors import Permanent
-from broker.services.oncall import CANCEL_TASK, NoCluster, NotConfigured, NotFound, Operations, Refused
+from broker.core.records import CANCEL_TASK
+from broker.services.oncall import NoCluster, NotConfigured, NotFound, Operations, Refused
 from broker.core.trust import verify_request
 from tests.support import FIXTURES, make_settings
 from tests.support.worlds import ALICE, SHA1, SHA2, SIGNING_KEY, OpsWorld
