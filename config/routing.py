@@ -198,6 +198,10 @@ class RoutingFile(_Model):
     hosts: dict[Annotated[str, Field(pattern=HOST_ID, max_length=40)], Host]
     routes: list[Route] = []
 
+    def route(self, name: str) -> Route | None:
+        """The route of that name (names are unique: the validator below checks), or None."""
+        return next((r for r in self.routes if r.name == name), None)
+
     @model_validator(mode="wrap")
     @classmethod
     def _consistent(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RoutingFile:

@@ -416,9 +416,9 @@ class Operations:
         return self.cluster
 
     def _route(self, name: str) -> Route:
-        for route in self.settings.routing.routes:
-            if route.name == name:
-                return route
+        route = self.settings.routing.route(name)
+        if route is not None:
+            return route
         raise NotFound(f"no route {name!r} in the routing file ({self.settings.source})")
 
     def deliveries(self, *, limit: int = 50, repo: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
@@ -511,7 +511,7 @@ class Operations:
         except (AttributeError, TypeError):  # a TaskRun whose metadata is garbage names no task
             failing = None
         summary["failing"] = None if failing is None else {"task": failing[0], "reason": failing[1], "message": failing[2]}
-        route = next((r for r in self.settings.routing.routes if r.name == summary["route"]), None)
+        route = self.settings.routing.route(summary["route"])
         clean = _Reader(obj).clean()
         try:
             summary["description"] = describe(clean, taskruns=taskruns, pipeline=route.pipeline if route else summary["route"])
@@ -687,12 +687,20 @@ class Operations:
         }
         if dry_run:
             return plan
+        self._queue_rerun(plan, actor=actor, reason=reason, source=source, host_id=host_id, host_kind=host.kind, now=now)
+        plan.pop("pipelineruns")
+        return plan
+
+    def _queue_rerun(self, plan: dict[str, Any], *, actor: Actor, reason: str, source: Any, host_id: str, host_kind: str,
+                     now: float) -> None:
+        """Store the re-run as a delivery of its own (made by a person) and queue its task, in one transaction."""
+        what, new_id, attempt, push = plan["of"], plan["delivery_id"], plan["attempt"], source.push
         self._audit(actor, "rerun", target=what, reason=reason, result=f"delivery {new_id}, attempt {attempt}")
         said = f"re-run of {what} requested by {actor.who} via {actor.channel}" + (f": {reason}" if reason else "")
         record = delivery.record(
-            delivery_id=new_id, host_id=host_id, host_kind=host.kind, event=None, event_name="rerun", decision="accepted",
+            delivery_id=new_id, host_id=host_id, host_kind=host_kind, event=None, event_name="rerun", decision="accepted",
             reason=said, code="rerun", received_at=now, headers={}, authenticated_by=f"{actor.channel} ({actor.who})",
-            routes=tuple(r.name for r in routes),
+            routes=tuple(plan["routes"]),
         )
         record.update(push=push, rerun_of=what, requested_by=actor.who, attempt=attempt)
         entries = [
@@ -707,28 +715,11 @@ class Operations:
         if source.delivery_id and self.store.get(source.delivery_id) is not None:
             self.store.append_log(source.delivery_id, delivery.log_entry(
                 "rerun_requested", f"re-run as delivery {new_id} by {actor.who}" + (f": {reason}" if reason else ""), at=now))
-        plan.pop("pipelineruns")
-        return plan
 
     def _redeploy(self, *, actor: Actor, reason: str, delivery_id: str | None, run: str | None, repo: str | None,
                   sha: str | None, route: str | None, force: bool, dry_run: bool) -> dict[str, Any]:
         """Ask a worker, by a signed request per environment, to deploy again what a succeeded run built."""
-        if run:
-            summary, _ = self._summary(run)
-        else:
-            if delivery_id:
-                if not DELIVERY_ID.match(delivery_id):
-                    raise NotFound(f"no delivery {delivery_id[:40]} (ids are 26 lower-case hex characters)")
-                selector = f"{pr.L_DELIVERY}={delivery_id}"
-            elif repo and sha:
-                selector = f"{pr.L_SHA}={sha}"
-            else:
-                raise Permanent("--deploy-only needs a run, --delivery ID or --repo R --sha SHA (a commit already built)")
-            built = [r for r in self._runs_with(selector) if r["state"] == CommitState.SUCCESS.value and not r["unreadable"]
-                     and (not repo or r["repo"] == repo) and (not route or r["route"] == route)]
-            if not built:
-                raise NotFound("no succeeded PipelineRun of that commit is left in the cluster to deploy from; re-run the build")
-            summary, _ = self._summary(built[0]["run"])
+        summary = self._built_run(delivery_id=delivery_id, run=run, repo=repo, sha=sha, route=route)
         refuse_unreadable(summary, "deploy")
         if route and summary["route"] != route:
             raise Refused(f"PipelineRun {summary['run']} was built by route {summary['route']}, not {route}")
@@ -750,6 +741,12 @@ class Operations:
                 "image": summary["image"], "sha": summary["sha"], "attempt": None, "force": force, "requests": []}
         if dry_run:
             return plan
+        self._request_deploys(plan, summary, actor=actor, reason=reason, force=force)
+        return plan
+
+    def _request_deploys(self, plan: dict[str, Any], summary: dict[str, Any], *, actor: Actor, reason: str, force: bool) -> None:
+        """One signed request per environment, stored, audited, logged, and a deploy task queued for each."""
+        what, environments = plan["of"], plan["environments"]
         key = self._signing_key()
         attempt = self.store.next_attempt(f"deploy:{summary['run']}", ttl=ATTEMPT_TTL)
         now = self.clock()
@@ -774,7 +771,25 @@ class Operations:
                                      (request.namespace, request.name, request.environment, attempt, request.request_id),
                                      origin=f"cibroker-{actor.channel}")
             self.store.enqueue(queue=self.settings.env.queue, call=call)
-        return plan
+
+    def _built_run(self, *, delivery_id: str | None, run: str | None, repo: str | None, sha: str | None,
+                   route: str | None) -> dict[str, Any]:
+        """The run to deploy from: the one named, else the newest succeeded run of the delivery or commit."""
+        if run:
+            return self._summary(run)[0]
+        if delivery_id:
+            if not DELIVERY_ID.match(delivery_id):
+                raise NotFound(f"no delivery {delivery_id[:40]} (ids are 26 lower-case hex characters)")
+            selector = f"{pr.L_DELIVERY}={delivery_id}"
+        elif repo and sha:
+            selector = f"{pr.L_SHA}={sha}"
+        else:
+            raise Permanent("--deploy-only needs a run, --delivery ID or --repo R --sha SHA (a commit already built)")
+        built = [r for r in self._runs_with(selector) if r["state"] == CommitState.SUCCESS.value and not r["unreadable"]
+                 and (not repo or r["repo"] == repo) and (not route or r["route"] == route)]
+        if not built:
+            raise NotFound("no succeeded PipelineRun of that commit is left in the cluster to deploy from; re-run the build")
+        return self._summary(built[0]["run"])[0]
 
     # ---- cancel ------------------------------------------------------------------------------
 
@@ -794,7 +809,7 @@ class Operations:
         if is_final(CommitState(summary["state"])):
             raise Refused(f"PipelineRun {summary['run']} already ended ({summary['state']}, {summary['reason']})")
         key = self._signing_key()
-        route = next((r for r in self.settings.routing.routes if r.name == summary["route"]), None)
+        route = self.settings.routing.route(summary["route"])
         cancel_status = route.cancel_status if route else "Cancelled"
         now = self.clock()
         request = PersonRequest(request_id=uuid.uuid4().hex, action="cancel", namespace=summary["namespace"],

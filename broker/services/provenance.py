@@ -95,14 +95,10 @@ class Verdict:
         return self.facts is not None
 
 
-def route_named(routing: RoutingFile, name: str) -> Route | None:
-    return next((r for r in routing.routes if r.name == name), None)
-
-
 def facts_of(routing: RoutingFile, record: Mapping[str, Any], owned: Mapping[str, Any], *, namespace: str, name: str) -> RunFacts:
     """RunFacts from a stored delivery and its ownership entry; Permanent when they do not fit the routing file."""
     push = record["push"]
-    route = route_named(routing, str(owned["route"]))
+    route = routing.route(str(owned["route"]))
     if route is None:
         raise Permanent(f"route {owned['route']!r} is no longer in the routing file")
     host = routing.hosts.get(route.host)

@@ -98,10 +98,10 @@ class Orchestrator:
         return self.settings.env.tekton_api_version
 
     def route(self, name: str) -> Route:
-        for route in self.settings.routing.routes:
-            if route.name == name:
-                return route
-        raise Permanent(f"route {name!r} is no longer in the routing file")
+        route = self.settings.routing.route(name)
+        if route is None:
+            raise Permanent(f"route {name!r} is no longer in the routing file")
+        return route
 
     def git_auth(self, host_id: str, clone_url: str) -> tuple[str, str] | None:
         """The host's token for git, only for an https clone URL (derived from the routing file, never from input)."""
@@ -347,7 +347,7 @@ class Orchestrator:
         self._post_not_started(record, route_name, reason, attempt=attempt)
 
     def _post_not_started(self, record: Mapping[str, Any], route_name: str, reason: str, *, attempt: int) -> None:
-        route = next((r for r in self.settings.routing.routes if r.name == route_name), None)
+        route = self.settings.routing.route(route_name)
         if route is None:
             return
         push = record["push"]
@@ -389,7 +389,7 @@ class Orchestrator:
         template = self.settings.routing.defaults.target_url
         if template is None:
             return None
-        route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
+        route = self.settings.routing.route(ref.route)
         return template.format(namespace=ref.namespace, name=ref.name, pipeline=route.pipeline if route else "",
                                route=ref.route, repo=ref.repo, sha=ref.sha)
 
@@ -449,7 +449,7 @@ class Orchestrator:
         last = ref.reported if reported == "annotation" else reported
         if not should_report(last if isinstance(last, CommitState) else None, state):
             return None
-        route = next((r for r in self.settings.routing.routes if r.name == ref.route), None)
+        route = self.settings.routing.route(ref.route)
         pipeline = route.pipeline if route else ref.route
         taskruns = self.cluster.list_taskruns(namespace=ref.namespace, pipelinerun=ref.name) if state is CommitState.FAILED else []
         reported_now = self.report(ref, state, describe(obj, taskruns=taskruns, pipeline=pipeline), token=token)
