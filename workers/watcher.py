@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from broker.core.errors import CibrokerError, Expired
 from broker.logging import get_logger
-from broker.core.pipelinerun import SELECTOR
+from broker.core.runlabels import A_REPORTED, SELECTOR
 from broker.core.status import CommitState
 from broker.ports import Counters, RunLedger, RunWatch, Stranded
 from broker.services.provenance import RunVerifier, trust_filter
@@ -132,7 +132,7 @@ class Watcher:
         meta = obj.get("metadata") or {}
         key = f"{meta.get('namespace')}/{meta.get('name')}"
         state = run_state(obj)
-        reported = parse_state((meta.get("annotations") or {}).get("cibroker.dev/reported"))
+        reported = parse_state((meta.get("annotations") or {}).get(A_REPORTED))
         with self._lock:
             if not should_report(reported, state):
                 if is_final(reported):

@@ -9,7 +9,6 @@ crash (host, repo, ref, sha, route, delivery, attempt, what was last reported).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,29 +16,19 @@ from urllib.parse import urlsplit
 
 from broker.core.errors import Permanent
 from broker.core.events import RefKind
+from broker.core.runlabels import (
+    A_ATTEMPT, A_CANCEL_REASON, A_CANCELLED_BY, A_CLONE_URL, A_DEPLOY, A_HOST_KIND, A_IMAGE, A_RECEIVED, A_REF, A_REPO,
+    A_REPO_ID, A_REPORTED, A_SIGNATURE, A_STATUS_NAME, A_SUPERSEDED_BY, GROUP, L_DELIVERY, L_HOST, L_REF_HASH, L_REF_KIND,
+    L_ROUTE, L_SHA, MANAGED_BY, SELECTOR, RunLabels,
+)
 from config.routing import DeployTarget, Host, Route, RoutingFile
 
-GROUP = "cibroker.dev"
-MANAGED_BY = ("app.kubernetes.io/managed-by", "cibroker")
-L_ROUTE = f"{GROUP}/route"
-L_HOST = f"{GROUP}/host"
-L_SHA = f"{GROUP}/sha"
-L_REF_KIND = f"{GROUP}/ref-kind"
-L_REF_HASH = f"{GROUP}/ref-hash"
-L_DELIVERY = f"{GROUP}/delivery"
-A_REPO = f"{GROUP}/repo"
-A_REPO_ID = f"{GROUP}/repo-id"
-A_REF = f"{GROUP}/ref"
-A_HOST_KIND = f"{GROUP}/host-kind"
-A_ATTEMPT = f"{GROUP}/attempt"
-A_STATUS_NAME = f"{GROUP}/status-name"
-A_IMAGE = f"{GROUP}/image"
-A_RECEIVED = f"{GROUP}/received-at"
-A_REPORTED = f"{GROUP}/reported"
-A_SUPERSEDED_BY = f"{GROUP}/superseded-by"
-A_DEPLOY = f"{GROUP}/deploy"
-A_CLONE_URL = f"{GROUP}/clone-url"
-SELECTOR = f"{MANAGED_BY[0]}={MANAGED_BY[1]}"
+# The names on a run's labels and annotations, and their codec, live in broker.core.runlabels
+# (re-exported here: callers say pr.L_ROUTE, pr.A_IMAGE, ...).
+
+__all__ = ["A_ATTEMPT", "A_CANCEL_REASON", "A_CANCELLED_BY", "A_CLONE_URL", "A_DEPLOY", "A_HOST_KIND", "A_IMAGE", "A_RECEIVED",
+           "A_REF", "A_REPO", "A_REPO_ID", "A_REPORTED", "A_SIGNATURE", "A_STATUS_NAME", "A_SUPERSEDED_BY", "GROUP", "L_DELIVERY",
+           "L_HOST", "L_REF_HASH", "L_REF_KIND", "L_ROUTE", "L_SHA", "MANAGED_BY", "SELECTOR", "RunLabels", "RunRequest", "render"]
 
 TAG_OK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 
@@ -170,35 +159,14 @@ def render(
         spec["taskRunTemplate"] = {"serviceAccountName": service_account}
     else:
         spec["serviceAccountName"] = service_account
-    deploys = [d.environment for d in deploys_for(route, req)]
+    labels = RunLabels(route=route.name, host=slug(req.host, 63), sha=req.sha, ref_kind=str(req.kind),
+                       ref_hash=ref_hash(route.name, req.ref), delivery_id=req.delivery_id, repo=req.repo, repo_id=req.repo_id,
+                       ref=req.ref, host_kind=req.host_kind, attempt=req.attempt, status_name=status_name(routing, route),
+                       image=image, received_at=req.received_at, clone_url=git_url,
+                       deploy=tuple(d.environment for d in deploys_for(route, req)))
     return {
         "apiVersion": f"tekton.dev/{api_version}",
         "kind": "PipelineRun",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {
-                MANAGED_BY[0]: MANAGED_BY[1],
-                L_ROUTE: route.name,
-                L_HOST: slug(req.host, 63),
-                L_SHA: req.sha,
-                L_REF_KIND: str(req.kind),
-                L_REF_HASH: ref_hash(route.name, req.ref),
-                L_DELIVERY: req.delivery_id,
-            },
-            "annotations": {
-                A_REPO: req.repo,
-                A_REPO_ID: req.repo_id,
-                A_REF: req.ref,
-                A_HOST_KIND: req.host_kind,
-                A_ATTEMPT: str(req.attempt),
-                A_STATUS_NAME: status_name(routing, route),
-                A_IMAGE: image,
-                A_RECEIVED: req.received_at,
-                A_CLONE_URL: git_url,
-                A_DEPLOY: json.dumps(deploys),
-                A_REPORTED: "",
-            },
-        },
+        "metadata": {"name": name, "namespace": namespace, **labels.metadata()},
         "spec": spec,
     }

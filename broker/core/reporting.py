@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from broker.core.runlabels import A_CANCEL_REASON, A_CANCELLED_BY, A_SUPERSEDED_BY
 from broker.core.status import CommitState
 
 SUCCESS_REASONS = {"Succeeded", "Completed"}
@@ -55,10 +56,10 @@ def describe(pipelinerun: Mapping[str, Any], *, taskruns: list[Mapping[str, Any]
         return f"{label}: succeeded"
     if state is CommitState.CANCELED:
         annotations = (pipelinerun.get("metadata") or {}).get("annotations") or {}
-        superseded = annotations.get("cibroker.dev/superseded-by")
+        superseded = annotations.get(A_SUPERSEDED_BY)
         if superseded:
             return f"{label}: canceled, superseded by {superseded}"
-        by, why = annotations.get("cibroker.dev/cancelled-by"), annotations.get("cibroker.dev/cancel-reason")
+        by, why = annotations.get(A_CANCELLED_BY), annotations.get(A_CANCEL_REASON)
         if by:
             return f"{label}: canceled by {by}" + (f": {why}" if why else "")
         return f"{label}: canceled ({reason})"

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from broker.core.errors import Untrusted
 
-A_SIGNATURE = "cibroker.dev/signature"
 _VERSION = "v1"
 ACTIONS = ("deploy", "cancel")
 

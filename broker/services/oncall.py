@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import calendar
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +41,7 @@ from broker.core.events import RefKind
 from broker.logging import get_logger
 from broker.core.status import CommitState
 from broker.ports import Cluster, CommitResolver, OncallStore
+from broker.core.runlabels import DELIVERY_ID, NAME, RunReader
 from broker.core.reporting import describe, failing_task, is_final, run_state, succeeded_condition
 from broker.core.routing import glob_match, ref_selected
 from broker.core.sources.common import commit_id, repo_path, split_ref
@@ -49,14 +49,9 @@ from broker.core.trust import PersonRequest, sign_request
 from config.routing import Route
 from config.settings import Settings
 
-A_CANCELLED_BY = f"{pr.GROUP}/cancelled-by"
-A_CANCEL_REASON = f"{pr.GROUP}/cancel-reason"
 GIT_USERNAMES = {"gitlab": "oauth2", "github": "x-access-token", "gitea": "cibroker"}
 ATTEMPT_TTL = 90 * 86400
 SCAN_LIMIT = 20_000  # filtered listings look at most this many recent deliveries
-DELIVERY_ID = re.compile(r"^[0-9a-f]{26}\Z")
-NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
-MAX_ATTEMPT = 1_000_000
 log = get_logger("cibroker.operations")
 
 
@@ -133,88 +128,8 @@ def duration(start: str | None, end: str | None, *, now: float) -> float | None:
     return round((ended if ended is not None else now) - begun, 1)
 
 
-class _Reader:
-    """Reads a PipelineRun's metadata as the untrusted input it is, noting each field that does not parse."""
-
-    def __init__(self, obj: object) -> None:
-        self.problems: list[str] = []
-        self.obj = obj if isinstance(obj, Mapping) else {}
-        if not isinstance(obj, Mapping):
-            self.problems.append("the object is not a mapping")
-        self.meta = self.mapping(self.obj.get("metadata"), "metadata")
-        self.labels = self.mapping(self.meta.get("labels"), "metadata.labels")
-        self.annotations = self.mapping(self.meta.get("annotations"), "metadata.annotations")
-        self.status = self.mapping(self.obj.get("status"), "status")
-
-    def mapping(self, value: object, where: str) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.problems.append(f"{where} is not a mapping")
-            return {}
-        return value
-
-    def text(self, source: Mapping[str, Any], key: str, what: str, *, required: bool = False,
-             check: Callable[[str], object] | None = None, limit: int = 1000) -> str:
-        """The string at `key`, or "" (noting why) when it is missing, not a string, too long or fails `check`."""
-        value = source.get(key)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"{what} {key} is missing")
-            return ""
-        if not isinstance(value, str):
-            self.problems.append(f"{what} {key} is not a string ({type(value).__name__})")
-            return ""
-        if len(value) > limit:
-            self.problems.append(f"{what} {key} is longer than {limit} characters")
-            return ""
-        if check is not None:
-            try:
-                ok = check(value)
-            except (Rejected, ValueError):
-                ok = False
-            if not ok:
-                self.problems.append(f"{what} {key} is not valid ({value[:40]!r})")
-                return ""
-        return value
-
-    def label(self, key: str, **kw: Any) -> str:
-        return self.text(self.labels, key, "label", **kw)
-
-    def annotation(self, key: str, **kw: Any) -> str:
-        return self.text(self.annotations, key, "annotation", **kw)
-
-    def attempt(self) -> int:
-        raw = self.annotations.get(pr.A_ATTEMPT)
-        if raw is None or raw == "":
-            return 1
-        if isinstance(raw, str) and raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_ATTEMPT:
-            return int(raw)
-        self.problems.append(f"annotation {pr.A_ATTEMPT} is not a whole number from 1 to {MAX_ATTEMPT} ({str(raw)[:40]!r})")
-        return 1
-
-    def environments(self) -> list[str]:
-        raw = self.annotations.get(pr.A_DEPLOY)
-        if raw is None or raw == "":
-            return []
-        try:
-            value = json.loads(raw) if isinstance(raw, str) and len(raw) <= 4096 else None
-        except ValueError:
-            value = None
-        if not (isinstance(value, list) and all(isinstance(e, str) and NAME.match(e) for e in value)):
-            self.problems.append(f"annotation {pr.A_DEPLOY} is not a JSON list of environment names")
-            return []
-        return value
-
-    def conditions(self) -> list[dict[str, str]]:
-        raw = self.status.get("conditions")
-        if raw is None:
-            return []
-        if not isinstance(raw, list):
-            self.problems.append("status.conditions is not a list")
-            return []
-        return [{k: str(v)[:1000] for k, v in c.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))}
-                for c in raw if isinstance(c, Mapping)]
+class _Reader(RunReader):
+    """The run codec's reader, and the status times the views show."""
 
     def time(self, value: object, where: str) -> str | None:
         if value is None or value == "":
@@ -223,22 +138,6 @@ class _Reader:
             self.problems.append(f"{where} is not a time")
             return None
         return value
-
-    def clean(self) -> dict[str, Any]:
-        """The object with only what parsed: safe to hand to broker.core.reporting (describe, run_state)."""
-        annotations = {k: v for k, v in self.annotations.items() if isinstance(k, str) and isinstance(v, str)}
-        return {"metadata": {"name": self.meta.get("name"), "namespace": self.meta.get("namespace"),
-                             "annotations": annotations},
-                "status": {"conditions": self.conditions()}}
-
-
-def _checked(fn: Callable[..., object], **kw: Any) -> Callable[[str], object]:
-    return lambda value: fn(value, **kw)
-
-
-def _ref_ok(ref: str) -> object:
-    split_ref(ref)
-    return True
 
 
 def summarize_run(obj: Mapping[str, Any], *, now: float) -> dict[str, Any]:
@@ -249,26 +148,24 @@ def summarize_run(obj: Mapping[str, Any], *, now: float) -> dict[str, Any]:
     label that is missing) becomes "" / a default here, and `unreadable` names each such field.
     """
     read = _Reader(obj)
-    namespace = read.text(read.meta, "namespace", "metadata", required=True, check=NAME.match)
-    name = read.text(read.meta, "name", "metadata", required=True, check=NAME.match)
-    ref = read.annotation(pr.A_REF, required=True, check=_ref_ok, limit=255)
+    namespace, name, ref = read.namespace(), read.name(), read.ref()
     environments = read.environments()
     summary = {
         "run": f"{namespace}/{name}",
         "namespace": namespace,
         "name": name,
-        "route": read.label(pr.L_ROUTE, required=True, check=NAME.match, limit=63),
-        "host": read.label(pr.L_HOST, required=True, limit=63),
-        "repo": read.annotation(pr.A_REPO, required=True, check=_checked(repo_path, name=pr.A_REPO), limit=255),
+        "route": read.route(),
+        "host": read.host(),
+        "repo": read.repo(),
         "ref": ref,
         "ref_name": ref.removeprefix("refs/heads/").removeprefix("refs/tags/"),
-        "sha": read.label(pr.L_SHA, required=True, check=_checked(commit_id, name=pr.L_SHA), limit=64),
-        "delivery_id": read.label(pr.L_DELIVERY, required=True, check=DELIVERY_ID.match, limit=26),
+        "sha": read.sha(),
+        "delivery_id": read.delivery_id(),
         "attempt": read.attempt(),
-        "image": read.annotation(pr.A_IMAGE, limit=500),
-        "reported": read.annotation(pr.A_REPORTED, limit=100),
-        "superseded_by": read.annotation(pr.A_SUPERSEDED_BY, limit=200),
-        "cancelled_by": read.annotation(A_CANCELLED_BY, limit=200),
+        "image": read.image(),
+        "reported": read.reported(),
+        "superseded_by": read.superseded_by(),
+        "cancelled_by": read.cancelled_by(),
         "created": read.time(read.meta.get("creationTimestamp"), "metadata.creationTimestamp")
         or read.time(read.annotations.get(pr.A_RECEIVED), f"annotation {pr.A_RECEIVED}") or "",
         "started": read.time(read.status.get("startTime"), "status.startTime"),

@@ -36,10 +36,10 @@ from broker.core.reporting import parse_state
 from broker.core.routing import glob_match
 from broker.core import metrics
 from broker.core.errors import StoreUnavailable
-from broker.core.trust import A_SIGNATURE, run_signature_ok
+from broker.core.trust import run_signature_ok
 from broker.logging import get_logger
 from broker.ports import Counters
-from config.routing import Route, RoutingFile
+from config.routing import RoutingFile
 
 log = get_logger("cibroker.provenance")
 
@@ -143,7 +143,7 @@ class RunVerifier:
         annotations = meta.get("annotations") if isinstance(meta.get("annotations"), Mapping) else {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         delivery_id = labels.get(pr.L_DELIVERY)
-        signature = annotations.get(A_SIGNATURE)
+        signature = annotations.get(pr.A_SIGNATURE)
         cache_key = (namespace, name, str(delivery_id), str(signature)[:200])
         with self._lock:
             known = self._cache.get(cache_key)

@@ -32,15 +32,14 @@ from broker.core.status import CommitState, CommitStatus, StatusAnswer
 from broker.ports import Cluster, CommitResolver, GitHost, WorkerStore
 from broker.services.provenance import RunFacts as RunRef  # what a verified run may act on (routing file + stored delivery)
 from broker.services.provenance import RunVerifier, Verdict, facts_of, image_digest, repository_of
-from broker.core.trust import A_SIGNATURE, PersonRequest, run_signature, verify_request
+from broker.core.runlabels import cancelled
+from broker.core.trust import PersonRequest, run_signature, verify_request
 from broker.core.reporting import RANK, describe, is_final, parse_state, run_state, should_report
 from broker.core.rollout import A_DEPLOYED_SHA, A_PREVIOUS_IMAGE, A_PREVIOUS_SHA, Rollout, container_image, rollout_status, set_image_patch
 from config.routing import DeployTarget, Route
 from config.settings import Settings
 
 log = get_logger("cibroker.orchestration")
-A_CANCELLED_BY = f"{pr.GROUP}/cancelled-by"  # read by broker.core.reporting.describe, as broker.services.oncall writes them
-A_CANCEL_REASON = f"{pr.GROUP}/cancel-reason"
 CLAIM_TTL = 30 * 86400
 # How long a claimed status post may be in flight before a later state goes anyway (its poster
 # died); longer than the Git host client's own timeouts.
@@ -153,7 +152,7 @@ class Orchestrator:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if self.dry_run:
             return self._dry_run(route, req, body)
-        body["metadata"]["annotations"][A_SIGNATURE] = run_signature(
+        body["metadata"]["annotations"][pr.A_SIGNATURE] = run_signature(
             self.key, name=name, namespace=namespace, route=route.name, repo=req.repo, ref=req.ref, sha=sha,
             delivery_id=req.delivery_id)
         self._preflight(namespace, body)
@@ -659,7 +658,7 @@ class Orchestrator:
         route = self.route(ref.route)
         self.cluster.patch_pipelinerun(namespace=ref.namespace, name=ref.name, patch={
             "spec": {"status": route.cancel_status},
-            "metadata": {"annotations": {A_CANCELLED_BY: request.actor[:100], A_CANCEL_REASON: request.reason[:200]}},
+            "metadata": {"annotations": cancelled(by=request.actor, reason=request.reason)},
         })
         self._log(ref.delivery_id, "cancel_requested", f"PipelineRun {ref.key} cancelled ({route.cancel_status}) by "
                   f"{request.actor} via {request.channel}" + (f": {request.reason}" if request.reason else ""),

@@ -26,7 +26,8 @@ from broker.core import pipelinerun as pr
 from broker.core.records import DEPLOY_TASK, PROCESS_TASK, TaskCall, new_delivery_id, iso
 from broker.adapters.redis_store import SyncStore
 from broker.adapters.celery_wire import task_message
-from broker.core.trust import A_SIGNATURE, PersonRequest, sign_request
+from broker.core.runlabels import A_SIGNATURE
+from broker.core.trust import PersonRequest, sign_request
 from tests.support.fakes.githost_api import FakeGitLab
 from tests.support.fakes.kube_api import FakeKubeAPI
 from tests.support.fakes.rollout import RolloutSimulator

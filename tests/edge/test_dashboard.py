@@ -21,7 +21,8 @@ from starlette.testclient import TestClient
 from broker.core import pipelinerun as pr
 from broker.core.records import log_entry
 from broker.core.errors import Transient
-from broker.services.oncall import A_CANCELLED_BY, Operations
+from broker.core.runlabels import A_CANCELLED_BY
+from broker.services.oncall import Operations
 from broker.adapters.redis_store import SyncStore
 from broker.core.trust import verify_request
 from tests.support import web_app
